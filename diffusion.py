@@ -1,0 +1,266 @@
+"""Gaussian diffusion: the noise schedule and everything derived from it, and the samplers.
+
+`GaussianDiffusion` owns the schedule (q_sample, posterior, losses). Samplers are plain
+functions of a denoiser `denoiser(x_t, t) -> model output` (predicted noise, plus the
+Improved-DDPM variance channels when the model learns them); they never redo schedule math.
+"""
+import math
+from typing import Callable, Optional
+
+import torch
+
+from models.text_encoder import concat_conditions
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]  # (step index, x_t, predicted x_0)
+
+
+# --- noise schedules ---------------------------------------------------------------------------
+
+def linear_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """DDPM's betas, rescaled so that any T spans the same noise range as T=1000."""
+    scale = 1000 / T
+    return torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
+
+
+def cosine_alpha_bar(t: torch.Tensor, s: float = 0.008) -> torch.Tensor:
+    """Improved DDPM's closed form alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t + s)/(1 + s)) pi/2), t in [0, 1]."""
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return f(t) / f(torch.zeros_like(t))
+
+
+def cosine_schedule(T: int = 1000, max_beta: float = 0.999) -> torch.Tensor:
+    t = torch.arange(T + 1, dtype=torch.float64) / T
+    abar = cosine_alpha_bar(t)
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+SCHEDULES = {"linear": linear_schedule, "cosine": cosine_schedule}
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """Log-likelihood of 8-bit data x in [-1, 1] under a Gaussian discretised to bins of width 2/255."""
+    std_normal = torch.distributions.Normal(0.0, 1.0)
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = std_normal.cdf(inv_std * (x - mean + 1 / 255))
+    cdf_minus = std_normal.cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_minus = torch.log((1 - cdf_minus).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
+
+
+class GaussianDiffusion:
+    def __init__(self, betas: torch.Tensor):
+        self.betas = betas.double()
+        self.T = len(betas)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([self.betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        # posterior variance is 0 at t=0: clip its log to the t=1 value, as Improved DDPM does
+        self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
+
+    @classmethod
+    def from_name(cls, schedule: str = "cosine", T: int = 1000) -> "GaussianDiffusion":
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
+        return cls(SCHEDULES[schedule](T))
+
+    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] as a (B, 1, 1, ...) tensor broadcastable against `like`."""
+        out = values[t.cpu()].to(device=like.device, dtype=like.dtype)
+        return out.view(-1, *([1] * (like.dim() - 1)))
+
+    # --- forward process and posterior -----------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
+        abar = self._at(self.alphas_cumprod, t, x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        abar = self._at(self.alphas_cumprod, t, x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef_x0, t, x_t) * x0 + self._at(self.posterior_mean_coef_xt, t, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance, t, x_t)
+
+    def p_mean_variance(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False):
+        """Mean, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the model output.
+
+        With learned variance the extra channels v in [-1, 1] interpolate, in the log domain,
+        between the posterior variance (v=-1) and beta_t (v=+1), as in Improved DDPM.
+        """
+        c = x_t.shape[1]
+        eps = out[:, :c]
+        x0 = self.predict_x0(x_t, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean, log_var = self.q_posterior(x0, x_t, t)
+        if out.shape[1] == 2 * c:
+            frac = (out[:, c:] + 1) / 2
+            log_var = frac * self._at(self.betas.log(), t, x_t) + (1 - frac) * log_var
+        return mean, log_var, x0
+
+    # --- training losses --------------------------------------------------------------------------
+
+    def vlb_term(self, out, x0, x_t, t) -> torch.Tensor:
+        """Per-sample L_{t-1} of the variational bound in bits/dim (decoder NLL at t=0)."""
+        true_mean, true_log_var = self.q_posterior(x0, x_t, t)
+        mean, log_var, _ = self.p_mean_variance(out, x_t, t)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t.to(kl.device) == 0, nll, kl)
+
+    def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                      vlb_weight: float = 0.001) -> torch.Tensor:
+        """Per-sample loss: noise-prediction MSE, plus lambda * L_vlb when the model learns its variance.
+
+        As in Improved DDPM the VLB term sees a frozen noise prediction, so it trains only the
+        variance, and L_vlb = T * E_t[L_t] makes lambda = 0.001 weigh each term by T/1000.
+        """
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, t)
+        c = x0.shape[1]
+        loss = mean_flat((out[:, :c].float() - noise.float()) ** 2)
+        if out.shape[1] == 2 * c:
+            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1).float()
+            loss = loss + vlb_weight * self.T * self.vlb_term(frozen, x0.float(), x_t.float(), t)
+        return loss
+
+    def timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps from T-1 down to 0, evenly spaced, for the few-step samplers."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be between 1 and {self.T}, got {steps}")
+        return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+
+
+# --- samplers: plain functions of a denoiser ----------------------------------------------------
+
+def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def ddpm_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: Optional[int] = None,
+                generator: Optional[torch.Generator] = None, callback: Callback = None, clip_x0: bool = False):
+    """Ancestral sampling through all T steps of p(x_{t-1} | x_t)."""
+    if steps not in (None, diffusion.T):
+        raise ValueError(f"DDPM runs all {diffusion.T} steps; got steps={steps}")
+    for i, t in enumerate(range(diffusion.T - 1, -1, -1)):
+        tt = _tvec(t, x)
+        mean, log_var, x0 = diffusion.p_mean_variance(denoiser(x, tt), x, tt, clip_x0)
+        if callback is not None:
+            callback(i, x, x0)
+        x = mean + (0.5 * log_var).exp() * _randn_like(x, generator) if t > 0 else mean
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int = 50,
+                generator: Optional[torch.Generator] = None, callback: Callback = None,
+                clip_x0: bool = False, eta: float = 0.0):
+    """DDIM (Song et al. 2021): eta=0 is the deterministic ODE-like sampler, eta=1 is DDPM-like."""
+    abar = diffusion.alphas_cumprod
+    ts = diffusion.timesteps(steps)
+    for i, t in enumerate(ts):
+        tt = _tvec(t, x)
+        eps = denoiser(x, tt)[:, : x.shape[1]]
+        x0 = diffusion.predict_x0(x, tt, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        if callback is not None:
+            callback(i, x, x0)
+        a_t = abar[t].item()
+        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with a clipped x0
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
+        if sigma > 0:
+            x = x + sigma * _randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int = 20,
+                    generator: Optional[torch.Generator] = None, callback: Callback = None, clip_x0: bool = False):
+    """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in lambda = log(alpha / sigma).
+
+    Deterministic: `generator` is accepted for a uniform sampler signature. The last step lands on
+    the clean image (sigma = 0), which is the predicted x_0 itself, as in k-diffusion.
+    """
+    abar = diffusion.alphas_cumprod
+    ts = diffusion.timesteps(steps)
+    alpha = lambda t: math.sqrt(abar[t].item())
+    sigma = lambda t: math.sqrt(1 - abar[t].item())
+    lam = lambda t: math.log(alpha(t) / sigma(t))
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(ts):
+        tt = _tvec(t, x)
+        x0 = diffusion.predict_x0(x, tt, denoiser(x, tt)[:, : x.shape[1]])
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        if callback is not None:
+            callback(i, x, x0)
+        if i + 1 == len(ts):
+            return x0
+        t_next = ts[i + 1]
+        h = lam(t_next) - lam(t)
+        if x0_prev is None:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        x = (sigma(t_next) / sigma(t)) * x - alpha(t_next) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS = {"dpmpp": dpmpp_2m_sample, "ddim": ddim_sample, "ddpm": ddpm_sample}
+
+
+def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str = "dpmpp", steps: Optional[int] = None,
+           generator: Optional[torch.Generator] = None, callback: Callback = None, device=None, **kwargs):
+    """Draw x_T ~ N(0, I) from `generator` and run the named sampler (DDPM always takes all T steps)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    x = torch.randn(shape, generator=generator, device=device, dtype=kwargs.pop("dtype", torch.float32))
+    steps = diffusion.T if sampler == "ddpm" else (steps or 25)
+    return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
+
+
+def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
+    """Classifier-free guidance: eps = eps_uncond + scale * (eps_cond - eps_uncond).
+
+    `model(x, t, cond)` is the network; `cond`/`uncond` are the prompt and empty-prompt conditions
+    (TextConditions). scale=1 is exactly the conditional model.
+    Learned variance channels, if any, come from the conditional prediction.
+    """
+    if scale == 1:
+        return lambda x, t: model(x, t, cond)
+    both = concat_conditions([cond, uncond])
+
+    def denoise(x, t):
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        c = x.shape[1]
+        eps = out_u[:, :c] + scale * (out_c[:, :c] - out_u[:, :c])
+        return torch.cat([eps, out_c[:, c:]], dim=1)
+    return denoise
+

@@ -1,0 +1,1 @@
+"""Networks: the frozen text encoder, the timestep embedding and the conditional U-Net."""

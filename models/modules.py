@@ -1,0 +1,97 @@
+"""U-Net building blocks: residual block with timestep scale-shift, self/cross-attention, resampling."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the time/text embedding scales and shifts the second norm."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: stable deep training
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C/heads)"""
+    b, n, c = x.shape
+    return x.view(b, n, n_heads, c // n_heads).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of image tokens over themselves (context=None) or over text tokens.
+
+    `mask` (B, L) is True for real text tokens; padding never receives attention weight.
+    """
+
+    def __init__(self, channels: int, n_heads: int, context_dim: int | None = None):
+        super().__init__()
+        assert channels % n_heads == 0, f"channels {channels} not divisible by heads {n_heads}"
+        self.n_heads = n_heads
+        self.norm = group_norm(channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(context_dim or channels, 2 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        source = tokens if context is None else context
+        k, v = self.to_kv(source).chunk(2, dim=-1)
+        q, k, v = (_heads(z, self.n_heads) for z in (self.to_q(tokens), k, v))
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(b, h * w, c))
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the image, then cross-attention to the prompt's tokens."""
+
+    def __init__(self, channels: int, n_heads: int, context_dim: int):
+        super().__init__()
+        self.self_attn = Attention(channels, n_heads)
+        self.cross_attn = Attention(channels, n_heads, context_dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.cross_attn(self.self_attn(x), context, mask)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))

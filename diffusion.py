@@ -64,6 +64,9 @@ class GaussianDiffusion:
         self.T = len(betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([self.betas.new_ones(1), self.alphas_cumprod[:-1]])
+        self.alphas = self.alphas_cumprod.sqrt()  # x_t = alpha_t x_0 + sigma_t eps
+        self.sigmas = (1 - self.alphas_cumprod).sqrt()
+        self.lambdas = torch.log(self.alphas / self.sigmas)  # half log-SNR, decreasing in t
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         # posterior variance is 0 at t=0: clip its log to the t=1 value, as Improved DDPM does
         self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
@@ -140,11 +143,26 @@ class GaussianDiffusion:
             loss = loss + vlb_weight * self.T * self.vlb_term(frozen, x0.float(), x_t.float(), t)
         return loss
 
-    def timesteps(self, steps: int) -> list[int]:
-        """`steps` timesteps from T-1 down to 0, evenly spaced, for the few-step samplers."""
+    def timesteps(self, steps: int, spacing: str = "logsnr", min_lambda: float = -5.0) -> list[int]:
+        """`steps` distinct timesteps from T-1 down to 0 for the few-step samplers.
+
+        "logsnr" spaces them evenly in log-SNR (floored at `min_lambda`, since the top of a cosine
+        schedule is all noise), which puts enough steps at low noise: with 20 DPM-Solver++ steps
+        it is several times more accurate than "uniform" spacing in t on the Gaussian oracle test.
+        """
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be between 1 and {self.T}, got {steps}")
-        return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        if spacing == "uniform":
+            return torch.linspace(self.T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        if spacing != "logsnr":
+            raise ValueError(f"unknown spacing {spacing!r}; choose 'logsnr' or 'uniform'")
+        lam = self.lambdas
+        targets = torch.linspace(max(lam[-1].item(), min_lambda), lam[0].item(), steps, dtype=torch.float64)
+        nearest = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+        ts = [self.T - 1]
+        for i, t in enumerate(nearest[1:], start=1):  # strictly decreasing, leaving room for the rest
+            ts.append(max(min(t, ts[-1] - 1), steps - 1 - i))
+        return ts
 
 
 # --- samplers: plain functions of a denoiser ----------------------------------------------------
@@ -155,6 +173,12 @@ def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
 
 def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _predict_x0(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, t: int, clip: bool):
+    tt = _tvec(t, x)
+    x0 = diffusion.predict_x0(x, tt, denoiser(x, tt)[:, : x.shape[1]])
+    return x0.clamp(-1, 1) if clip else x0
 
 
 @torch.no_grad()
@@ -180,11 +204,7 @@ def ddim_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tenso
     abar = diffusion.alphas_cumprod
     ts = diffusion.timesteps(steps)
     for i, t in enumerate(ts):
-        tt = _tvec(t, x)
-        eps = denoiser(x, tt)[:, : x.shape[1]]
-        x0 = diffusion.predict_x0(x, tt, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
+        x0 = _predict_x0(denoiser, diffusion, x, t, clip_x0)
         if callback is not None:
             callback(i, x, x0)
         a_t = abar[t].item()
@@ -205,29 +225,23 @@ def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.T
     Deterministic: `generator` is accepted for a uniform sampler signature. The last step lands on
     the clean image (sigma = 0), which is the predicted x_0 itself, as in k-diffusion.
     """
-    abar = diffusion.alphas_cumprod
+    alpha, sigma, lam = diffusion.alphas, diffusion.sigmas, diffusion.lambdas
     ts = diffusion.timesteps(steps)
-    alpha = lambda t: math.sqrt(abar[t].item())
-    sigma = lambda t: math.sqrt(1 - abar[t].item())
-    lam = lambda t: math.log(alpha(t) / sigma(t))
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
-        tt = _tvec(t, x)
-        x0 = diffusion.predict_x0(x, tt, denoiser(x, tt)[:, : x.shape[1]])
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
+        x0 = _predict_x0(denoiser, diffusion, x, t, clip_x0)
         if callback is not None:
             callback(i, x, x0)
         if i + 1 == len(ts):
             return x0
         t_next = ts[i + 1]
-        h = lam(t_next) - lam(t)
+        h = (lam[t_next] - lam[t]).item()
         if x0_prev is None:
             d = x0
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma(t_next) / sigma(t)) * x - alpha(t_next) * math.expm1(-h) * d
+        x = (sigma[t_next] / sigma[t]).item() * x - alpha[t_next].item() * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x
 

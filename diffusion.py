@@ -4,6 +4,7 @@
 functions of a denoiser `denoiser(x_t, t) -> model output` (predicted noise, plus the
 Improved-DDPM variance channels when the model learns them); they never redo schedule math.
 """
+import argparse
 import math
 from typing import Callable, Optional
 
@@ -278,3 +279,89 @@ def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
         return torch.cat([eps, out_c[:, c:]], dim=1)
     return denoise
 
+
+
+# --- command line: python diffusion.py train|sample ----------------------------------------------
+
+def _train_parser(sub) -> None:
+    from dataclasses import fields
+
+    from models.trainer import TrainConfig
+    p = sub.add_parser("train", help="train a model", description="Train a text-conditioned diffusion model.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    choices = {"schedule": ["cosine", "linear"], "precision": ["auto", "fp32", "bf16", "fp16"],
+               "lr_decay": ["cosine", "constant"]}
+    for f in fields(TrainConfig):
+        flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata["help"], "default": f.default}
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, nargs="*", type=str if f.name == "sample_prompts" else int, **kw)
+        else:
+            p.add_argument(flag, type=type(f.default), choices=choices.get(f.name), **kw)
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate images with a trained model; PNGs carry their settings as metadata.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (.pt / .safetensors) or training run folder "
+                   "(its best, else latest checkpoint); default: the shipped model")
+    p.add_argument("--prompt", default=None, help="text prompt; --n images of it")
+    p.add_argument("--prompts-file", default=None, help="file with one prompt per line: one image per line, in order")
+    p.add_argument("--n", type=int, default=8, help="number of images of --prompt")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (DDPM always uses all T)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp", help="dpmpp: DPM-Solver++(2M)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    p.add_argument("--out-dir", default="output_ImageNet/samples", help="where the PNGs go")
+    p.add_argument("--gif", action="store_true", help="also write process.gif of the denoising")
+    p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
+
+
+def sample_command(args) -> None:
+    from pathlib import Path
+
+    from models.pipeline import Pipeline
+    from plot_func import grid_image, save_gif, save_png, to_pil, to_uint8
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise SystemExit("error: give exactly one of --prompt or --prompts-file")
+    if args.prompts_file:
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    else:
+        prompts = [args.prompt] * args.n
+    if not prompts or args.n < 1:
+        raise SystemExit("error: nothing to generate (no prompts, or --n below 1)")
+    pipe = Pipeline.load(args.checkpoint, args.device)
+    frames = []
+    keep = (lambda i, x, x0: frames.append(grid_image(to_uint8(x0), scale=2))) if args.gif else None
+    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, args.guidance, args.seed, keep))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, img) in enumerate(zip(prompts, images)):
+        meta = {"prompt": prompt, "seed": args.seed, "index": i, "sampler": args.sampler, "steps": args.steps,
+                "guidance": args.guidance, "checkpoint": pipe.info["path"]}
+        save_png(to_pil(img), out / f"{i:04d}.png", meta)
+    grid = grid_image(images, scale=2)
+    save_png(grid, out / "grid.png", {"prompts": " | ".join(dict.fromkeys(prompts)), "seed": args.seed})
+    if args.gif:
+        save_gif(frames + [grid], out / "process.gif")
+    print(f"wrote {len(prompts)} images to {out}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Text-to-image diffusion: train a model or sample from one.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from models.trainer import TrainConfig, Trainer
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in vars(args).items() if k != "command"})
+        Trainer(cfg).train()
+    else:
+        sample_command(args)
+
+
+if __name__ == "__main__":
+    main()

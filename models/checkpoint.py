@@ -1,0 +1,84 @@
+"""Checkpoints: atomic writes, safe loading (weights_only / safetensors), run-folder bookkeeping."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+CHECKPOINT_GLOB = "checkpoint_*.pt"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(state: dict, path) -> None:
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path) -> dict:
+    """Load a training checkpoint without executing pickled code (weights_only=True)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
+
+
+def save_weights(state_dict: dict, metadata: dict, path) -> None:
+    """Model weights as safetensors; `metadata` (config, training info) stored as JSON strings."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    meta = {k: json.dumps(v) for k, v in metadata.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_weights(path) -> tuple[dict, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"weights file {path} is truncated or not a safetensors file: {e}") from e
+
+
+def step_checkpoints(run_dir) -> list[Path]:
+    """The run's step checkpoints, oldest first."""
+    return sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file as given, or for a run folder its best, else latest, checkpoint."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / "best.pt").is_file():
+            return path / "best.pt"
+        found = step_checkpoints(path)
+        if found:
+            return found[-1]
+        raise FileNotFoundError(f"no checkpoint in {path}: expected best.pt or {CHECKPOINT_GLOB} there")
+    raise FileNotFoundError(f"checkpoint {path} does not exist (give a .pt/.safetensors file or a training run folder)")
+
+
+def prune_checkpoints(run_dir, keep: int) -> None:
+    for old in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink()

@@ -1,0 +1,77 @@
+"""Loaded model + schedule + text encoder -> images: shared by `diffusion.py sample`, training previews and the web app."""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from diffusion import GaussianDiffusion, guided_denoiser, sample
+from models.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
+from models.text_encoder import TextCondition, TextEncoder, null_condition
+from models.unet import ConditionalUNet, UNetConfig
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "output_ImageNet" / "default_model.safetensors"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition, sampler: str = "dpmpp",
+                    steps: int = 25, guidance: float = 3.0, seed: int = 0,
+                    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+    """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1]. Same seed, same images."""
+    device = next(model.parameters()).device
+    n, cfg = cond.tokens.shape[0], model.cfg
+    denoiser = guided_denoiser(model, cond.to(device), null_condition(n).to(device), guidance)
+    generator = torch.Generator(device).manual_seed(seed)
+    return sample(denoiser, diffusion, (n, cfg.in_channels, cfg.image_size, cfg.image_size), sampler, steps,
+                  generator=generator, callback=callback, device=device, clip_x0=True)
+
+
+@dataclass
+class Pipeline:
+    model: ConditionalUNet
+    diffusion: GaussianDiffusion
+    encoder: TextEncoder
+    info: dict = field(default_factory=dict)  # dataset, steps trained, example prompts, source path
+
+    @classmethod
+    def load(cls, path=None, device="auto", encoder: TextEncoder | None = None) -> "Pipeline":
+        model, diffusion, info = load_model(path, pick_device(device))
+        return cls(model, diffusion, encoder or TextEncoder(), info)
+
+    def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None) -> torch.Tensor:
+        return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed, callback)
+
+
+def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, GaussianDiffusion, dict]:
+    """EMA weights from a training checkpoint (.pt), a run folder, or a shipped .safetensors file."""
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise FileNotFoundError(f"no model given and the default model {DEFAULT_MODEL} is missing; "
+                                    "pass --checkpoint with a checkpoint file or training run folder")
+        path = DEFAULT_MODEL
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        weights, meta = load_weights(path)
+        config, info = meta.get("config"), meta.get("info", {})
+    else:
+        ckpt = load_checkpoint(path)
+        config, info = ckpt.get("config"), ckpt.get("info", {})
+        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    if not config or "unet" not in config:
+        raise ValueError(f"{path} holds no model config; is it a checkpoint of this project?")
+    model = ConditionalUNet(UNetConfig(**config["unet"]))
+    model.load_state_dict(weights)
+    model.to(device).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion.from_name(config["schedule"], config["timesteps"])
+    return model, diffusion, {**info, "path": str(path), "parameters": model.num_parameters()}

@@ -1,0 +1,88 @@
+"""Images and figures: tensors -> PNG/GIF, sample grids, loss curves, the forward-noising strip."""
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torchvision.utils import make_grid
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, C, H, W)."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def to_pil(img: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W) -> PIL image (L for one channel, RGB for three)."""
+    arr = img.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> Image.Image:
+    """uint8 (B, C, H, W) -> one PIL grid, optionally upscaled with crisp nearest-neighbour pixels."""
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(len(images)))))
+    grid = to_pil(make_grid(images, nrow=nrow, padding=2, pad_value=255))
+    return upscale(grid, scale)
+
+
+def upscale(img: Image.Image, scale: int) -> Image.Image:
+    return img if scale == 1 else img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def save_png(img: Image.Image, path, metadata: dict | None = None) -> None:
+    """PNG with `metadata` as text chunks (prompt, seed, sampler...), readable by any PNG tool."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(str(key), str(value))
+    img.save(path, pnginfo=info)
+
+
+def save_gif(frames: list[Image.Image], path, frame_ms: int = 80, hold_last_ms: int = 1500) -> None:
+    """Animated GIF that loops, pausing on the final frame."""
+    durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False)
+
+
+def plot_loss(steps: list[int], train_loss: list[float], val_epochs_steps: list[int], val_loss: list[float], path) -> None:
+    """Training loss per step (raw and smoothed) and validation loss per evaluation, log scale."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_loss:
+        ax.plot(steps, train_loss, color="tab:blue", alpha=0.25, lw=0.8)
+        k = max(1, len(train_loss) // 50)
+        smooth = np.convolve(train_loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, color="tab:blue", label="train (smoothed)")
+    if val_loss:
+        ax.plot(val_epochs_steps, val_loss, "o-", color="tab:orange", label="validation (EMA weights)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("noise-prediction loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def forward_diffusion_strip(image: torch.Tensor, diffusion, ts: list[int], path, scale: int = 4, seed: int = 0) -> None:
+    """One image (C, H, W) in [-1, 1] noised to increasing timesteps, side by side, labelled with t."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(image.shape, generator=g)
+    x0 = image[None].repeat(len(ts), 1, 1, 1)
+    xt = diffusion.q_sample(x0, torch.tensor(ts), noise[None].expand_as(x0))
+    fig, axes = plt.subplots(1, len(ts), figsize=(1.6 * len(ts), 2))
+    for ax, t, img in zip(axes, ts, to_uint8(xt)):
+        ax.imshow(upscale(to_pil(img), scale), cmap="gray" if img.shape[0] == 1 else None)
+        ax.set_title(f"t = {t}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def ensure_dir(path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

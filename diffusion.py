@@ -250,6 +250,11 @@ def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.T
 SAMPLERS = {"dpmpp": dpmpp_2m_sample, "ddim": ddim_sample, "ddpm": ddpm_sample}
 
 
+def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[int]) -> int:
+    """Model evaluations the named sampler will make: DDPM always takes all T steps."""
+    return diffusion.T if sampler == "ddpm" else (steps or 25)
+
+
 def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str = "dpmpp", steps: Optional[int] = None,
            generator: Optional[torch.Generator] = None, callback: Callback = None, device=None, **kwargs):
     """Draw x_T ~ N(0, I) from `generator` and run the named sampler (DDPM always takes all T steps)."""
@@ -257,7 +262,7 @@ def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     device = device if device is not None else (generator.device if generator is not None else "cpu")
     x = torch.randn(shape, generator=generator, device=device, dtype=kwargs.pop("dtype", torch.float32))
-    steps = diffusion.T if sampler == "ddpm" else (steps or 25)
+    steps = sampler_steps(diffusion, sampler, steps)
     return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
 
 
@@ -322,7 +327,7 @@ def sample_command(args) -> None:
     from pathlib import Path
 
     from models.pipeline import Pipeline
-    from plot_func import grid_image, save_gif, save_png, to_pil, to_uint8
+    from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
     if (args.prompt is None) == (args.prompts_file is None):
         raise SystemExit("error: give exactly one of --prompt or --prompts-file")
     if args.prompts_file:
@@ -332,9 +337,9 @@ def sample_command(args) -> None:
     if not prompts or args.n < 1:
         raise SystemExit("error: nothing to generate (no prompts, or --n below 1)")
     pipe = Pipeline.load(args.checkpoint, args.device)
-    frames = []
-    keep = (lambda i, x, x0: frames.append(grid_image(to_uint8(x0), scale=2))) if args.gif else None
-    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, args.guidance, args.seed, keep))
+    args.steps = sampler_steps(pipe.diffusion, args.sampler, args.steps)
+    recorder = DenoisingRecorder(args.steps) if args.gif else None
+    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, args.guidance, args.seed, recorder))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, img) in enumerate(zip(prompts, images)):
@@ -344,7 +349,7 @@ def sample_command(args) -> None:
     grid = grid_image(images, scale=2)
     save_png(grid, out / "grid.png", {"prompts": " | ".join(dict.fromkeys(prompts)), "seed": args.seed})
     if args.gif:
-        save_gif(frames + [grid], out / "process.gif")
+        recorder.save(grid, out / "process.gif")
     print(f"wrote {len(prompts)} images to {out}")
 
 

@@ -6,7 +6,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin
 from torchvision.utils import make_grid
 
 
@@ -41,9 +41,36 @@ def save_png(img: Image.Image, path, metadata: dict | None = None) -> None:
 
 
 def save_gif(frames: list[Image.Image], path, frame_ms: int = 80, hold_last_ms: int = 1500) -> None:
-    """Animated GIF that loops, pausing on the final frame."""
+    """Animated GIF that loops, pausing on the final frame. (Pillow merges identical consecutive frames.)"""
     durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False)
+
+
+def with_progress_bar(img: Image.Image, fraction: float, color: str = "black", height: int = 3) -> Image.Image:
+    """`img` with a bar underneath, filled to `fraction`: shows how far the denoising has gone."""
+    out = Image.new(img.mode, (img.width, img.height + height), "white")
+    out.paste(img, (0, 0))
+    ImageDraw.Draw(out).rectangle([0, img.height, round(img.width * fraction) - 1, out.height - 1], fill=color)
+    return out
+
+
+class DenoisingRecorder:
+    """Sampler callback keeping at most `max_frames` previews of the predicted x_0 grid, for a GIF.
+
+    Each preview carries a progress bar, so frames stay distinct even when the image itself does not move;
+    the final image closes the GIF with a green (finished) bar.
+    """
+
+    def __init__(self, steps: int, max_frames: int = 50, scale: int = 2):
+        self.steps, self.scale, self.frames = steps, scale, []
+        self.every = max(1, -(-steps // max_frames))
+
+    def __call__(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if i % self.every == 0 or i == self.steps - 1:
+            self.frames.append(with_progress_bar(grid_image(to_uint8(x0), scale=self.scale), (i + 1) / self.steps))
+
+    def save(self, final_grid: Image.Image, path) -> None:
+        save_gif(self.frames + [with_progress_bar(final_grid, 1.0, "green")], path)
 
 
 def plot_loss(steps: list[int], train_loss: list[float], val_epochs_steps: list[int], val_loss: list[float], path) -> None:

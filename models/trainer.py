@@ -111,13 +111,14 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         torch.manual_seed(cfg.seed + self.rank)
 
-        self.data = load_dataset(cfg.data, cfg.image_size, cfg.grayscale, "train", cfg.cache_dir)
+        self.data = self._rank_zero_first(lambda: load_dataset(cfg.data, cfg.image_size, cfg.grayscale, "train", cfg.cache_dir))
         try:
             self.val_data = load_dataset(cfg.data, cfg.image_size, cfg.grayscale, "val", cfg.cache_dir)
         except (ValueError, FileNotFoundError):
             self.val_data = self.data  # no val split (emoji, folders): fixed-noise loss on a training subset
         captions = sorted(set(self.data.all_captions()) | set(self.val_data.all_captions()))
-        self.embeddings = embed_captions(captions, Path(cfg.cache_dir) / f"captions_{self.data.name}.safetensors")
+        cache = Path(cfg.cache_dir) / f"captions_{self.data.name}.safetensors"
+        self.embeddings = self._rank_zero_first(lambda: embed_captions(captions, cache))
 
         self.unet_cfg = cfg.unet_config(self.data.channels)
         self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps)
@@ -141,6 +142,15 @@ class Trainer:
         self.prompts = list(cfg.sample_prompts) or self._default_prompts()
         if cfg.resume:
             self._resume()
+
+    def _rank_zero_first(self, build):
+        """Rank 0 builds the on-disk caches (emoji set, caption embeddings) alone; the others then read them."""
+        if self.world > 1 and not self.main:
+            dist.barrier()
+        result = build()
+        if self.world > 1 and self.main:
+            dist.barrier()
+        return result
 
     def _default_prompts(self, n: int = 8) -> list[str]:
         stride = max(1, len(self.data) // n)
@@ -248,15 +258,14 @@ class Trainer:
             tqdm.write(f"epoch {self.epoch}: validation loss {val:.4f}{' (best)' if is_best else ''}")
 
     def save_samples(self, stem: str) -> None:
-        from plot_func import grid_image, save_gif, to_uint8
+        from plot_func import DenoisingRecorder, grid_image, to_uint8
         model = self.ema.module.eval()
         cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
-        frames = []
-        keep = lambda i, x, x0: frames.append(grid_image(to_uint8(x0), scale=2))
-        images = generate_images(model, self.diffusion, cond, "dpmpp", 25, 3.0, seed=0, callback=keep)
+        recorder = DenoisingRecorder(steps=25)
+        images = generate_images(model, self.diffusion, cond, "dpmpp", 25, 3.0, seed=0, callback=recorder)
         grid = grid_image(to_uint8(images), scale=2)
         grid.save(self.run_dir / f"{stem}.png")
-        save_gif(frames + [grid], self.run_dir / f"{stem}.gif")
+        recorder.save(grid, self.run_dir / f"{stem}.gif")
 
     def _encode(self, prompt: str):
         from models.text_encoder import TextEncoder

@@ -1,0 +1,194 @@
+"""Training and sampling commands on a tiny image folder, on CPU, in seconds."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import diffusion
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.trainer import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = dict(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_resolutions=(8,), num_heads=2, batch_size=4, warmup_steps=2, precision="fp32",
+                  device="cpu", sample_every=2, sample_prompts=("red square", "blue circle"))
+
+
+def make_folder(root: Path) -> Path:
+    """Two classes of 16x16 images: red squares and blue circles at random places."""
+    rng = random.Random(0)
+    for cls, color in [("red_square", (220, 30, 30)), ("blue_circle", (30, 30, 220))]:
+        (root / cls).mkdir(parents=True)
+        for k in range(6):
+            img = Image.new("RGB", (16, 16), "white")
+            x, y = rng.randint(0, 8), rng.randint(0, 8)
+            from PIL import ImageDraw
+            draw = ImageDraw.Draw(img)
+            (draw.rectangle if cls == "red_square" else draw.ellipse)([x, y, x + 7, y + 7], fill=color)
+            img.save(root / cls / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("shapes") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def config(folder, cache_dir, out_dir, **overrides) -> TrainConfig:
+    return TrainConfig(data=str(folder), cache_dir=str(cache_dir), out_dir=str(out_dir), **{**TINY_MODEL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained_run(folder, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    Trainer(config(folder, cache_dir, out, epochs=2)).train()
+    return out
+
+
+def test_two_epoch_run_writes_checkpoints_plot_samples_and_gif(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"best.pt", "ema.safetensors", "loss.png", "samples_epoch0002.png", "samples_epoch0002.gif"} <= names
+    ckpt = load_checkpoint(sorted(trained_run.glob("checkpoint_*.pt"))[-1])
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6  # 12 images / batch 4 = 3 steps per epoch
+    assert ckpt["config"]["train"]["batch_size"] == 4 and ckpt["config"]["unet"]["base_channels"] == 16
+    assert len(ckpt["history"]["val_loss"]) == 2 and all(map(torch.isfinite, map(torch.tensor, ckpt["history"]["loss"])))
+    with Image.open(trained_run / "samples_epoch0002.gif") as gif:
+        assert gif.n_frames == 26  # 25 denoising previews + the final grid
+
+
+def weights(run_dir: Path) -> dict:
+    return load_checkpoint(sorted(run_dir.glob("checkpoint_*.pt"))[-1])
+
+
+def assert_same_training_state(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    assert a["history"]["loss"] == b["history"]["loss"]
+
+
+def test_resume_after_one_epoch_equals_two_epochs_straight(folder, cache_dir, tmp_path):
+    kw = dict(lr_decay="constant", sample_every=0)
+    Trainer(config(folder, cache_dir, tmp_path / "straight", epochs=2, **kw)).train()
+    Trainer(config(folder, cache_dir, tmp_path / "resumed", epochs=1, **kw)).train()
+    Trainer(config(folder, cache_dir, tmp_path / "resumed", epochs=2, resume=True, **kw)).train()
+    assert_same_training_state(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_resume_from_a_mid_epoch_stop_is_exact(folder, cache_dir, tmp_path):
+    kw = dict(sample_every=0, epochs=2, dropout=0.1)  # cosine LR decay and dropout RNG both in play
+    Trainer(config(folder, cache_dir, tmp_path / "straight", **kw)).train()
+    Trainer(config(folder, cache_dir, tmp_path / "resumed", max_steps=4, **kw)).train()  # stops in epoch 2
+    assert weights(tmp_path / "resumed")["batch_in_epoch"] == 1
+    Trainer(config(folder, cache_dir, tmp_path / "resumed", resume=True, **kw)).train()
+    assert_same_training_state(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_resume_with_a_different_model_is_refused(folder, cache_dir, tmp_path):
+    Trainer(config(folder, cache_dir, tmp_path, epochs=1, sample_every=0)).train()
+    with pytest.raises(ValueError, match="does not match"):
+        Trainer(config(folder, cache_dir, tmp_path, epochs=2, resume=True, base_channels=32))
+
+
+WRITER = """
+import sys, torch
+from models.checkpoint import save_checkpoint
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    save_checkpoint({"i": i, "w": torch.full((4_000_000,), float(i))}, path)
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint_00000001.pt"
+    rng = random.Random(0)
+    for attempt in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete write
+        time.sleep(rng.uniform(0.0, 0.5))  # then kill at a random moment, usually mid-write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = load_checkpoint(path)
+        assert torch.equal(state["w"], torch.full((4_000_000,), float(state["i"])))
+    assert [p.name for p in tmp_path.glob("checkpoint_*.pt")] == [path.name]
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"i": 1}, path)
+
+    def disk_full(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint({"i": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"i": 1} and list(tmp_path.iterdir()) == [path]
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="truncated, corrupted"):
+        load_checkpoint(bad)
+
+
+def test_torchrun_two_cpu_processes_agree_on_weights(folder, cache_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "diffusion.py", "train", "--data", str(folder), "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
+           "--epochs", "2", "--image-size", "16", "--base-channels", "16", "--channel-mult", "1", "2",
+           "--num-res-blocks", "1", "--attention-resolutions", "8", "--num-heads", "2", "--batch-size", "2",
+           "--precision", "fp32", "--device", "cpu", "--sample-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ranks agree on weights: True" in r.stdout + r.stderr
+    ckpt = weights(tmp_path)
+    assert ckpt["step"] == 6  # 12 images / (2 ranks x batch 2) = 3 steps per epoch
+
+
+def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red square\nblue circle\n\nred square\n")
+    for out in ("a", "b"):
+        diffusion.main(["sample", "--checkpoint", str(trained_run), "--prompts-file", str(prompts), "--steps", "5",
+                        "--seed", "7", "--out-dir", str(tmp_path / out), "--gif", "--device", "cpu"])
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["0000.png", "0001.png", "0002.png", "grid.png", "process.gif"]
+    for name in ("0000.png", "0001.png", "0002.png"):
+        a, b = Image.open(tmp_path / "a" / name), Image.open(tmp_path / "b" / name)
+        assert a.size == (16, 16) and a.tobytes() == b.tobytes()
+    meta = Image.open(tmp_path / "a" / "0001.png").text
+    assert meta["prompt"] == "blue circle" and meta["seed"] == "7" and meta["sampler"] == "dpmpp"
+    assert meta["steps"] == "5" and meta["guidance"] == "3.0" and meta["checkpoint"].endswith("best.pt")
+    with Image.open(tmp_path / "a" / "process.gif") as gif:
+        assert gif.n_frames == 6
+    diffusion.main(["sample", "--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
+                    "--n", "2", "--steps", "5", "--seed", "8", "--out-dir", str(tmp_path / "c"), "--device", "cpu"])
+    c0, c1 = (Image.open(tmp_path / "c" / f"000{i}.png").tobytes() for i in (0, 1))
+    assert c0 != c1, "different images in one batch"
+    diffusion.main(["sample", "--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
+                    "--n", "2", "--steps", "5", "--seed", "9", "--out-dir", str(tmp_path / "d"), "--device", "cpu"])
+    assert Image.open(tmp_path / "d" / "0000.png").tobytes() != c0, "a different seed gives different images"
+
+
+def test_sample_without_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        diffusion.main(["sample", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])

@@ -349,7 +349,8 @@ def sample_command(args) -> None:
     grid = grid_image(images, scale=2)
     save_png(grid, out / "grid.png", {"prompts": " | ".join(dict.fromkeys(prompts)), "seed": args.seed})
     if args.gif:
-        recorder.save(grid, out / "process.gif")
+        recorder.finish(images)
+        recorder.save(out / "process.gif")
     print(f"wrote {len(prompts)} images to {out}")
 
 

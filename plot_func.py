@@ -50,27 +50,42 @@ def with_progress_bar(img: Image.Image, fraction: float, color: str = "black", h
     """`img` with a bar underneath, filled to `fraction`: shows how far the denoising has gone."""
     out = Image.new(img.mode, (img.width, img.height + height), "white")
     out.paste(img, (0, 0))
-    ImageDraw.Draw(out).rectangle([0, img.height, round(img.width * fraction) - 1, out.height - 1], fill=color)
+    filled = round(img.width * fraction)
+    if filled > 0:
+        ImageDraw.Draw(out).rectangle([0, img.height, filled - 1, out.height - 1], fill=color)
     return out
 
 
 class DenoisingRecorder:
     """Sampler callback keeping at most `max_frames` previews of the predicted x_0 grid, for a GIF.
 
-    Each preview carries a progress bar, so frames stay distinct even when the image itself does not move;
-    the final image closes the GIF with a green (finished) bar.
+    Each preview carries a progress bar, so frames stay distinct even when the image itself does not
+    move; `finish` closes the sequence with the final images and a green (finished) bar. `on_frame`,
+    if given, receives every kept frame with the number of steps done (the web app streams them).
     """
 
-    def __init__(self, steps: int, max_frames: int = 50, scale: int = 2):
-        self.steps, self.scale, self.frames = steps, scale, []
+    def __init__(self, steps: int, max_frames: int = 50, scale: int = 2, on_frame=None):
+        self.steps, self.scale, self.on_frame, self.frames = steps, scale, on_frame, []
         self.every = max(1, -(-steps // max_frames))
 
     def __call__(self, i: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         if i % self.every == 0 or i == self.steps - 1:
-            self.frames.append(with_progress_bar(grid_image(to_uint8(x0), scale=self.scale), (i + 1) / self.steps))
+            self._keep(with_progress_bar(grid_image(to_uint8(x0), scale=self.scale), (i + 1) / self.steps), i + 1)
 
-    def save(self, final_grid: Image.Image, path) -> None:
-        save_gif(self.frames + [with_progress_bar(final_grid, 1.0, "green")], path)
+    def finish(self, images: torch.Tensor) -> Image.Image:
+        """Add the final frame for `images` ([-1, 1] or uint8) and return it."""
+        images = images if images.dtype == torch.uint8 else to_uint8(images)
+        frame = with_progress_bar(grid_image(images, scale=self.scale), 1.0, "green")
+        self._keep(frame, self.steps)
+        return frame
+
+    def _keep(self, frame: Image.Image, steps_done: int) -> None:
+        self.frames.append(frame)
+        if self.on_frame is not None:
+            self.on_frame(frame, steps_done)
+
+    def save(self, path) -> None:
+        save_gif(self.frames, path)
 
 
 def plot_loss(steps: list[int], train_loss: list[float], val_epochs_steps: list[int], val_loss: list[float], path) -> None:

@@ -49,11 +49,12 @@ class TrainConfig:
     num_res_blocks: int = option(2, 'residual blocks per level')
     attention_resolutions: tuple[int, ...] = option((16, 8), 'feature-map sizes with self- and cross-attention, e.g. 16 8')
     num_heads: int = option(4, 'attention heads')
+    patch_size: int = option(1, 'pixels per side folded into channels at the input (2: a 32px model computes on 16x16 maps, ~4x cheaper)')
     dropout: float = option(0.1, 'dropout inside residual blocks')
     precision: str = option("auto", '"auto" (fp16 with gradient scaling on CUDA, bf16 on CPUs with native bf16, else fp32), "fp32", "bf16" or "fp16"')
     device: str = option("auto", '"auto" (CUDA, then MPS, then CPU) or a torch device such as "cpu" or "cuda:1"')
     seed: int = option(0, 'seed of data order, noise and initial weights')
-    out_dir: str = option("", 'run folder for checkpoints, plots and samples (default output_ImageNet/run_<data>_<size>px)')
+    out_dir: str = option("", 'run folder for checkpoints, plots and samples (default output_ImageNet/runs/<data>_<size>px)')
     resume: bool = option(False, 'continue exactly from the newest checkpoint in the run folder')
     save_every_steps: int = option(0, 'also checkpoint every N optimizer steps (0: only at the end of each epoch)')
     keep_last: int = option(3, 'step checkpoints to keep (best.pt is kept apart)')
@@ -68,11 +69,11 @@ class TrainConfig:
         return UNetConfig(image_size=self.image_size, in_channels=channels, base_channels=self.base_channels,
                           channel_mult=self.channel_mult, num_res_blocks=self.num_res_blocks,
                           attention_resolutions=self.attention_resolutions, num_heads=self.num_heads,
-                          dropout=self.dropout, learn_sigma=self.hybrid_loss)
+                          dropout=self.dropout, learn_sigma=self.hybrid_loss, patch_size=self.patch_size)
 
     def run_dir(self) -> Path:
         name = "emoji" if self.data == "emoji" else Path(self.data).resolve().name
-        return Path(self.out_dir or f"output_ImageNet/run_{name}_{self.image_size}px")
+        return Path(self.out_dir or f"output_ImageNet/runs/{name}_{self.image_size}px")
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -263,9 +264,9 @@ class Trainer:
         cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
         recorder = DenoisingRecorder(steps=25)
         images = generate_images(model, self.diffusion, cond, "dpmpp", 25, 3.0, seed=0, callback=recorder)
-        grid = grid_image(to_uint8(images), scale=2)
-        grid.save(self.run_dir / f"{stem}.png")
-        recorder.save(grid, self.run_dir / f"{stem}.gif")
+        grid_image(to_uint8(images), scale=2).save(self.run_dir / f"{stem}.png")
+        recorder.finish(images)
+        recorder.save(self.run_dir / f"{stem}.gif")
 
     def _encode(self, prompt: str):
         from models.text_encoder import TextEncoder

@@ -22,14 +22,17 @@ class UNetConfig:
     dropout: float = 0.0
     learn_sigma: bool = False  # also output the Improved-DDPM variance interpolation v
     context_dim: int = EMBED_DIM
+    # Pixels per side folded into channels before the first conv (pixel-unshuffle), unfolded at the
+    # end: patch_size 2 runs a 32x32 model on 16x16 feature maps, about 4x fewer FLOPs.
+    patch_size: int = 1
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
-        factor = 2 ** (len(self.channel_mult) - 1)
+        factor = self.patch_size * 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} must be divisible by {factor} "
-                             f"for {len(self.channel_mult)} resolution levels")
+                             f"(patch size {self.patch_size}, {len(self.channel_mult)} resolution levels)")
 
     @property
     def out_channels(self) -> int:
@@ -72,11 +75,12 @@ class ConditionalUNet(nn.Module):
         self.context_norm = nn.LayerNorm(cfg.context_dim)
         # Always-attendable learned token: the whole condition of the empty prompt (CFG's null).
         self.null_token = nn.Parameter(torch.randn(1, 1, cfg.context_dim) * 0.02)
-        self.input_conv = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        p2 = cfg.patch_size ** 2
+        self.input_conv = nn.Conv2d(cfg.in_channels * p2, ch, 3, padding=1)
 
         widths = [ch * m for m in cfg.channel_mult]
         self.down = nn.ModuleList()
-        skip_channels, res, cur = [ch], cfg.image_size, ch
+        skip_channels, res, cur = [ch], cfg.image_size // cfg.patch_size, ch
         for level, width in enumerate(widths):
             blocks = []
             for _ in range(cfg.num_res_blocks):
@@ -100,7 +104,7 @@ class ConditionalUNet(nn.Module):
             self.up.append(Level(blocks, Upsample(cur) if level > 0 else None))
             res *= 2
 
-        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(cur), nn.SiLU(), nn.Conv2d(cur, cfg.out_channels * p2, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -117,7 +121,7 @@ class ConditionalUNet(nn.Module):
         """x: (B, C, H, W) noisy images; t: (B,) timesteps; cond: the prompts' TextCondition."""
         emb = self.time_embed(t) + self.pooled_proj(cond.pooled)
         context, mask = self._context(cond)
-        h = self.input_conv(x)
+        h = self.input_conv(F.pixel_unshuffle(x, self.cfg.patch_size))
         skips = [h]
         for level in self.down:
             for block in level.blocks:
@@ -133,4 +137,4 @@ class ConditionalUNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), self.cfg.patch_size)

@@ -1,0 +1,68 @@
+"""Start `python web.py` as a real server on 127.0.0.1 for tests, with a bounded wait."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import save_weights
+from models.unet import ConditionalUNet, UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(path: Path) -> Path:
+    """A small random-weight model in the shipped format: enough to exercise the app end to end."""
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(8,), num_heads=2)
+    model = ConditionalUNet(cfg)
+    torch.nn.init.normal_(model.out[-1].weight, std=0.02)  # zero-init output would make every frame alike
+    info = {"dataset": "tiny test", "image_size": 16, "steps": 0, "epochs": 0, "example_prompts": ["red apple", "sun"]}
+    save_weights(model.state_dict(), {"config": {"unet": cfg.to_dict(), "schedule": "cosine", "timesteps": 1000},
+                                      "info": info}, path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def web_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120):
+    """Yield the URL of a running web.py; stop it afterwards. Fails if it is not up within `timeout_s`."""
+    port = free_port()
+    args = [sys.executable, "web.py", "--port", str(port), "--out-dir", str(out_dir), "--device", "cpu", *extra]
+    if checkpoint is not None:
+        args += ["--checkpoint", str(checkpoint)]
+    log = open(out_dir.parent / f"web_{port}.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"web.py exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"web.py not up after {timeout_s}s: {Path(log.name).read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

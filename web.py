@@ -236,9 +236,10 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                n = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="n")
+                # plain number boxes: out-of-range values reach the server, which explains what is accepted
+                n = gr.Number(value=4, precision=0, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n")
                 sampler = gr.Dropdown(SAMPLER_CHOICES, value="dpmpp", label="Sampler", elem_id="sampler")
-                steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps (DDPM always runs all of them)",
+                steps = gr.Number(value=25, precision=0, label=f"Steps (1 to {MAX_STEPS}; DDPM always runs all {pipe.diffusion.T})",
                                   elem_id="steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.5, label="Guidance scale", elem_id="guidance")
                 seed = gr.Textbox(value="-1", label="Seed (-1: random)", max_lines=1, elem_id="seed")

@@ -1,0 +1,92 @@
+"""The web app in a real browser: Debian's chromium, headless, driven by Python playwright.
+
+By default on a tiny random model. `WEB_SCREENSHOT_SHIPPED=1` runs it on the shipped default model
+and writes the screenshot to output_ImageNet/web.png (how that showcase image is made).
+"""
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.webserver import REPO, tiny_model, web_server
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHIPPED = os.environ.get("WEB_SCREENSHOT_SHIPPED") == "1"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
+
+WATCH_PREVIEW = """() => {
+  window.previewSrcs = [];
+  const record = () => {
+    const img = document.querySelector('#preview img');
+    if (img && img.src && window.previewSrcs[window.previewSrcs.length - 1] !== img.src) {
+      window.previewSrcs.push(img.src);
+      window.galleryAtChange = (window.galleryAtChange || []).concat(
+        [document.querySelectorAll('#gallery img').length]);
+    }
+  };
+  new MutationObserver(record).observe(document.body, {subtree: true, childList: true, attributes: true,
+                                                       attributeFilter: ['src']});
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+    root = tmp_path_factory.mktemp("browser")
+    checkpoint = None if SHIPPED else tiny_model(root / "tiny.safetensors")
+    with web_server(checkpoint, root / "out") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        page.locator("#generate").wait_for()
+        yield page
+        browser.close()
+
+
+def set_input(page, elem_id: str, value: str) -> None:
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number]").first
+    box.fill(value)
+    box.press("Tab")  # commit the value, as a user leaving the field does
+
+
+def test_generate_streams_previews_then_shows_the_batch(page, tmp_path):
+    page.evaluate(WATCH_PREVIEW)
+    set_input(page, "prompt", "red apple" if SHIPPED else "sun")
+    set_input(page, "n", "3")
+    set_input(page, "seed", "7")
+    page.locator("#generate").click()
+    deadline = time.monotonic() + 120
+    while page.locator("#gallery img").count() < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert page.locator("#gallery img").count() == 3
+    changes_before_gallery = [n for n in page.evaluate("window.galleryAtChange") if n == 0]
+    assert len(changes_before_gallery) >= 2, page.evaluate("window.previewSrcs")
+    assert "seed 7" in page.locator("#status").inner_text()
+    shot = REPO / "output_ImageNet" / "web.png" if SHIPPED else tmp_path / "web.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "   ", "the prompt is empty"),
+    ("steps", "0", "steps must be a whole number from 1 to 200"),
+    ("n", "17", "number of images must be a whole number from 1 to 16"),
+    ("seed", "twelve", "seed must be a whole number"),
+])
+def test_bad_input_shows_a_clear_message_in_the_page_and_the_app_keeps_working(page, field, value, message):
+    seed = str(abs(hash((field, value))) % 100_000)  # unique, so the wait below sees this run's result
+    good = {"prompt": "sun", "steps": "5", "n": "1", "seed": seed}
+    for name, text in (good | {field: value}).items():
+        set_input(page, name, text)
+    page.locator("#generate").click()
+    page.get_by_text(message).first.wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+    for name, text in good.items():
+        set_input(page, name, text)
+    page.locator("#generate").click()
+    page.get_by_text(f"Done: 1 image(s) of “sun”, seed {seed},").wait_for(timeout=60_000)

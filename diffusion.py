@@ -176,10 +176,18 @@ def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _predict_x0(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, t: int, clip: bool):
-    tt = _tvec(t, x)
-    x0 = diffusion.predict_x0(x, tt, denoiser(x, tt)[:, : x.shape[1]])
-    return x0.clamp(-1, 1) if clip else x0
+def _predict_x0(denoiser: Denoiser, x: torch.Tensor, tt: torch.Tensor, alpha: float, sigma: float, clip: bool):
+    """x_0 = (x_t - sigma_t eps) / alpha_t, with the schedule values given as precomputed Python floats."""
+    eps = denoiser(x, tt)[:, : x.shape[1]]
+    x0 = (x - sigma * eps) / alpha
+    return x0.clamp_(-1, 1) if clip else x0
+
+
+def _schedule_floats(diffusion: GaussianDiffusion, ts: list[int]) -> tuple[list[float], list[float], list[float]]:
+    """alpha_t, sigma_t and lambda_t of each step as Python floats, computed once before the loop:
+    the loop then does no indexing, no host-device copies and no syncs, only the model and a few axpys."""
+    idx = torch.tensor(ts)
+    return diffusion.alphas[idx].tolist(), diffusion.sigmas[idx].tolist(), diffusion.lambdas[idx].tolist()
 
 
 @torch.no_grad()
@@ -202,14 +210,14 @@ def ddim_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tenso
                 generator: Optional[torch.Generator] = None, callback: Callback = None,
                 clip_x0: bool = False, eta: float = 0.0):
     """DDIM (Song et al. 2021): eta=0 is the deterministic ODE-like sampler, eta=1 is DDPM-like."""
-    abar = diffusion.alphas_cumprod
     ts = diffusion.timesteps(steps)
+    abar = diffusion.alphas_cumprod[torch.tensor(ts)].tolist() + [1.0]
+    alphas, sigmas, _ = _schedule_floats(diffusion, ts)
     for i, t in enumerate(ts):
-        x0 = _predict_x0(denoiser, diffusion, x, t, clip_x0)
+        x0 = _predict_x0(denoiser, x, _tvec(t, x), alphas[i], sigmas[i], clip_x0)
         if callback is not None:
             callback(i, x, x0)
-        a_t = abar[t].item()
-        a_prev = abar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        a_t, a_prev = abar[i], abar[i + 1]
         eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with a clipped x0
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
@@ -226,23 +234,22 @@ def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.T
     Deterministic: `generator` is accepted for a uniform sampler signature. The last step lands on
     the clean image (sigma = 0), which is the predicted x_0 itself, as in k-diffusion.
     """
-    alpha, sigma, lam = diffusion.alphas, diffusion.sigmas, diffusion.lambdas
     ts = diffusion.timesteps(steps)
+    alpha, sigma, lam = _schedule_floats(diffusion, ts)
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
-        x0 = _predict_x0(denoiser, diffusion, x, t, clip_x0)
+        x0 = _predict_x0(denoiser, x, _tvec(t, x), alpha[i], sigma[i], clip_x0)
         if callback is not None:
             callback(i, x, x0)
         if i + 1 == len(ts):
             return x0
-        t_next = ts[i + 1]
-        h = (lam[t_next] - lam[t]).item()
+        h = lam[i + 1] - lam[i]
         if x0_prev is None:
             d = x0
         else:
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-        x = (sigma[t_next] / sigma[t]).item() * x - alpha[t_next].item() * math.expm1(-h) * d
+        x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * d
         x0_prev, h_prev = x0, h
     return x
 
@@ -255,14 +262,41 @@ def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[in
     return diffusion.T if sampler == "ddpm" else (steps or 25)
 
 
+def native_bf16(device) -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 / AMX), where bf16 matmuls run about 2x fp32."""
+    return torch.device(device).type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def fast_denoiser(denoiser: Denoiser, x: torch.Tensor, precision: str = "auto") -> Denoiser:
+    """The denoiser run under bf16 autocast where that is fast ("auto": float32 samples on a CPU with
+    native bf16; "bf16": always; "fp32": never). The sampler's own arithmetic stays in x's dtype."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose 'auto', 'bf16' or 'fp32'")
+    use = precision == "bf16" or (precision == "auto" and x.dtype == torch.float32 and native_bf16(x.device))
+    if not use:
+        return denoiser
+
+    def run(x_t, t):
+        with torch.autocast(x_t.device.type, torch.bfloat16):
+            out = denoiser(x_t, t)
+        return out.to(x_t.dtype)
+    return run
+
+
 def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str = "dpmpp", steps: Optional[int] = None,
-           generator: Optional[torch.Generator] = None, callback: Callback = None, device=None, **kwargs):
-    """Draw x_T ~ N(0, I) from `generator` and run the named sampler (DDPM always takes all T steps)."""
+           generator: Optional[torch.Generator] = None, callback: Callback = None, device=None,
+           precision: str = "auto", **kwargs):
+    """Draw x_T ~ N(0, I) from `generator` and run the named sampler (DDPM always takes all T steps).
+
+    `precision` is the denoiser's (see `fast_denoiser`): by default bf16 autocast on CPUs with native
+    bf16, which makes a sampling step about 1.5x faster there; "fp32" turns it off.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     device = device if device is not None else (generator.device if generator is not None else "cpu")
     x = torch.randn(shape, generator=generator, device=device, dtype=kwargs.pop("dtype", torch.float32))
     steps = sampler_steps(diffusion, sampler, steps)
+    denoiser = fast_denoiser(denoiser, x, precision)
     return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
 
 

@@ -1,0 +1,212 @@
+"""Shared pieces of the benchmarks: matched model configs, timing, machine info, docs/benchmarks.md sections."""
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from models.text_encoder import TextCondition, collate  # noqa: E402
+from models.unet import ConditionalUNet, UNetConfig  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One U-Net shape that both libraries express: widths per level, blocks per level, levels with attention."""
+    widths: tuple[int, ...] = (64, 128, 256)
+    blocks: int = 2
+    attn_levels: tuple[int, ...] = (1, 2)  # level indices (0 = full resolution) with self+cross-attention
+    patch_size: int = 1
+    heads: int = 4
+
+    def describe(self) -> str:
+        p = f", patch {self.patch_size}" if self.patch_size > 1 else ""
+        return f"widths {self.widths}, {self.blocks} res blocks/level, attention at levels {self.attn_levels}{p}"
+
+
+MATCHED = Arch()  # a standard config both libraries can build; parameter counts agree within 2%
+# The shipped default model: 32px, patch 2, base 64, mult 1 2 2, 1 res block, attention at 8x8 and 4x4 feature maps.
+SHIPPED = Arch(widths=(64, 128, 128), blocks=1, attn_levels=(1, 2), patch_size=2)
+TINY = Arch(widths=(32, 32), blocks=1, attn_levels=(1,), heads=2)  # for smoke tests
+
+
+def our_unet(arch: Arch, image_size: int) -> ConditionalUNet:
+    res = image_size // arch.patch_size
+    cfg = UNetConfig(image_size=image_size, base_channels=arch.widths[0],
+                     channel_mult=tuple(w // arch.widths[0] for w in arch.widths), num_res_blocks=arch.blocks,
+                     attention_resolutions=tuple(res >> i for i in arch.attn_levels), num_heads=arch.heads,
+                     patch_size=arch.patch_size)
+    return ConditionalUNet(cfg)
+
+
+class DiffusersDenoiser(nn.Module):
+    """diffusers.UNet2DConditionModel behind our model's call signature model(x, t, cond).
+
+    Attention levels use diffusers' SimpleCrossAttn blocks (GroupNorm, q/k/v + text k/v projections, out
+    projection, no feed-forward): the block of diffusers that has our attention's parameters, so the
+    parameter counts match. `transformer=True` uses the Stable-Diffusion Transformer2D blocks instead
+    (with a GEGLU feed-forward: about 30% more parameters). The pooled prompt embedding enters the time
+    embedding through class_embed_type="projection", as ours does through `pooled_proj`; the patch size
+    is the same pixel-unshuffle around the network.
+    """
+
+    def __init__(self, arch: Arch, image_size: int, transformer: bool = False):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+        n, attn = len(arch.widths), set(arch.attn_levels)
+        kind = "CrossAttn" if transformer else "SimpleCrossAttn"
+        self.patch_size = arch.patch_size
+        self.unet = UNet2DConditionModel(
+            sample_size=image_size // arch.patch_size, in_channels=3 * arch.patch_size ** 2,
+            out_channels=3 * arch.patch_size ** 2, block_out_channels=arch.widths, layers_per_block=arch.blocks,
+            down_block_types=tuple(f"{kind}DownBlock2D" if i in attn else "DownBlock2D" for i in range(n)),
+            up_block_types=tuple(f"{kind}UpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))),
+            mid_block_type="UNetMidBlock2DCrossAttn" if transformer else "UNetMidBlock2DSimpleCrossAttn",
+            # diffusers' naming quirk: for CrossAttn blocks attention_head_dim is the number of heads
+            attention_head_dim=arch.heads if transformer else tuple(w // arch.heads for w in arch.widths),
+            use_linear_projection=True, cross_attention_dim=384, resnet_time_scale_shift="scale_shift",
+            class_embed_type="projection", projection_class_embeddings_input_dim=384)
+
+    def forward(self, x, t, cond: TextCondition):
+        out = self.unet(F.pixel_unshuffle(x, self.patch_size), t, encoder_hidden_states=cond.tokens,
+                        class_labels=cond.pooled).sample
+        return F.pixel_shuffle(out, self.patch_size)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_condition(batch: int, tokens: int = 12, seed: int = 0) -> TextCondition:
+    """Prompts of `tokens` tokens each (the longest emoji names have 12), no padding."""
+    g = torch.Generator().manual_seed(seed)
+    return collate([(torch.randn(tokens, 384, generator=g), F.normalize(torch.randn(384, generator=g), dim=0))
+                    for _ in range(batch)])
+
+
+def autocast(dtype) -> object:
+    return torch.autocast("cpu", dtype) if dtype not in (None, torch.float32) else nullcontext()
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+
+def interleaved(fns: dict, reps: int, warmup: int = 1, min_time: float = 0.0) -> dict[str, list[float]]:
+    """Run each fn in turn (A B A B ...), `reps` timed rounds after `warmup` rounds; seconds per call.
+
+    A round repeats each fn until it has run `min_time` seconds (at least once), so fast calls get
+    several iterations per sample.
+    """
+    times = {k: [] for k in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            n, start = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            if r >= warmup:
+                times[name].append(elapsed / n)
+    return times
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def ratio_of_medians(a: list[float], b: list[float]) -> float:
+    """Median of the per-round ratios a/b (paired samples of interleaved runs)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def matmul_peak(dtype=torch.float32, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of a large square matrix product: the machine's practical ceiling for our arithmetic."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# --- reporting ------------------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        flags = ", AVX512-BF16"
+    try:
+        import diffusers
+        peer = f", diffusers {diffusers.__version__}"
+    except ImportError:
+        peer = ""
+    return (f"{cpu}{flags}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}{peer}, Python {platform.python_version()}")
+
+
+def command() -> str:
+    args = " ".join(sys.argv[1:]).replace("--write", "").split()
+    return "python " + " ".join(["bench/" + Path(sys.argv[0]).name, *args])
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def section(title: str, body: str, notes: str = "") -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = f"## {title}\n\n`{command()}`\n\nMachine: {machine()}; measured {when}.\n\n{body}\n"
+    return text + (f"\n{notes.strip()}\n" if notes else "")
+
+
+def add_output_args(p) -> None:
+    p.add_argument("--write", action="store_true", help="write the table into --doc")
+    p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose section --write replaces")
+
+
+def write_section(key: str, text: str, path: Path = DOC) -> None:
+    """Replace (or append) the block between <!-- bench:key --> markers of docs/benchmarks.md."""
+    begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    if begin in doc:
+        doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, doc, flags=re.S)
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+    print(f"wrote section {key!r} of {path}")

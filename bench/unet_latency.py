@@ -1,0 +1,87 @@
+"""Denoiser step latency: our ConditionalUNet vs diffusers' UNet2DConditionModel at a matched config.
+
+One forward pass (inference mode) per call; the four variants (ours / diffusers, fp32 / bf16 autocast)
+run interleaved, A B C D A B C D, and each cell is the median over the rounds.
+
+    python bench/unet_latency.py                      # matched config, 32 and 64 px, batch 1 4 16
+    python bench/unet_latency.py --arch shipped --sizes 32
+    python bench/unet_latency.py --peer transformer   # diffusers' Stable-Diffusion attention blocks
+"""
+import argparse
+
+import torch
+
+from common import (MATCHED, add_output_args, SHIPPED, TINY, DiffusersDenoiser, autocast, count_flops, interleaved, median,
+                    n_params, our_unet, random_condition, ratio_of_medians, section, table, write_section)
+
+ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="matched")
+    p.add_argument("--peer", choices=["simple", "transformer"], default="simple",
+                   help="diffusers attention blocks: SimpleCrossAttn (parameter-matched) or Transformer2D (SD-style)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--reps", type=int, default=7, help="timed rounds (after one warm-up round)")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds each variant runs per round (>= 1 call)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_output_args(p)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arch = ARCHS[args.arch]
+    bf16 = torch.bfloat16
+    rows, info = [], []
+    for size in args.sizes:
+        torch.manual_seed(0)
+        ours, theirs = our_unet(arch, size).eval(), DiffusersDenoiser(arch, size, args.peer == "transformer").eval()
+        for m in (ours, theirs):
+            m.requires_grad_(False)
+        x1, t1, c1 = torch.randn(1, 3, size, size), torch.tensor([500]), random_condition(1)
+        f_ours, f_theirs = count_flops(lambda: ours(x1, t1, c1)), count_flops(lambda: theirs(x1, t1, c1))
+        info.append(f"{size}px: ours {n_params(ours) / 1e6:.2f}M parameters, {f_ours / 1e9:.2f} GFLOP per image; "
+                    f"diffusers {n_params(theirs) / 1e6:.2f}M parameters, {f_theirs / 1e9:.2f} GFLOP per image "
+                    f"(parameters ours/diffusers {n_params(ours) / n_params(theirs):.3f})")
+        print(info[-1])
+        for b in args.batches:
+            x, t, c = torch.randn(b, 3, size, size), torch.randint(0, 1000, (b,)), random_condition(b)
+
+            def run(model, dtype):
+                def call():
+                    with autocast(dtype):
+                        model(x, t, c)
+                return call
+            with torch.inference_mode():
+                r = interleaved({"ours fp32": run(ours, None), "diffusers fp32": run(theirs, None),
+                                 "ours bf16": run(ours, bf16), "diffusers bf16": run(theirs, bf16)},
+                                args.reps, warmup=1, min_time=args.min_time)
+            ms = {k: f"{1e3 * median(v):.1f}" for k, v in r.items()}
+            rows.append([size, b, ms["ours fp32"], ms["diffusers fp32"],
+                         f"**{ratio_of_medians(r['ours fp32'], r['diffusers fp32']):.2f}**",
+                         ms["ours bf16"], ms["diffusers bf16"],
+                         f"**{ratio_of_medians(r['ours bf16'], r['diffusers bf16']):.2f}**",
+                         f"**{ratio_of_medians(r['ours bf16'], r['diffusers fp32']):.2f}**"])
+            print(rows[-1])
+    header = ["px", "batch", "ours fp32 ms", "diffusers fp32 ms", "ratio fp32", "ours bf16 ms", "diffusers bf16 ms",
+              "ratio bf16", "ours default / diffusers default"]
+    body = table(header, rows)
+    peer = "Transformer2D (Stable Diffusion) blocks" if args.peer == "transformer" else "SimpleCrossAttn blocks"
+    notes = (f"Config: {arch.describe()}, {arch.heads} heads, cross-attention dim 384, 12-token prompts; diffusers with {peer}.\n\n"
+             + "\n".join(f"- {line}" for line in info) +
+             "\n\nRatios are ours/diffusers (below 1: ours is faster), medians of the per-round ratios of "
+             f"{args.reps} interleaved rounds. \"bf16\" is torch.autocast(\"cpu\", bfloat16); our sampler uses it by "
+             "default on CPUs with native bf16 (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
+             "unless told otherwise, hence the last column.")
+    print(body + "\n\n" + notes)
+    if args.write:
+        key = f"latency-{args.arch}" + ("-transformer" if args.peer == "transformer" else "")
+        write_section(key, section(f"Denoiser step latency ({args.arch} config"
+                                   + (", SD-style peer" if args.peer == "transformer" else "") + ")", body, notes),
+                      args.doc)
+    return body
+
+
+if __name__ == "__main__":
+    main()

@@ -9,22 +9,37 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
+TEMP_SUFFIX = ".tmp"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or weights file could not be written (disk full, quota, permissions); the old one is intact."""
 
 
 def _atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as error:  # torch.save reports a full disk as RuntimeError, safetensors as its own errors
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"could not write {path} ({type(error).__name__}: {error}); is the disk full? "
+                                   f"{kept}") from error
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(folder) -> None:
+    """Delete temp files that a process killed mid-write left behind (`.<name>.<random>.tmp`)."""
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}") if Path(folder).is_dir() else []:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(state: dict, path) -> None:

@@ -5,12 +5,14 @@ time embedding. The empty prompt has no tokens and a zero pooled vector: the U-N
 that into its learned null condition, which classifier-free guidance uses.
 """
 import os
+from collections import OrderedDict
 from typing import NamedTuple, Sequence
 
 import torch
 
 EMBED_DIM = 384
 MAX_TOKENS = 64  # emoji and class names need 12 at most; long prompts are truncated here
+CACHE_PROMPTS = 2048  # a long-running server sees endless new prompts: keep the most recent (<= ~200 MB at 64 tokens)
 
 
 class TextCondition(NamedTuple):
@@ -71,31 +73,45 @@ def load_sentence_transformer():
 
 
 class TextEncoder:
-    """Encodes prompts to TextConditions, caching each distinct prompt's embedding."""
+    """Encodes prompts to TextConditions, caching the embeddings of the `cache_size` most recently used prompts."""
 
-    def __init__(self):
+    def __init__(self, cache_size: int = CACHE_PROMPTS):
         self.model = load_sentence_transformer()
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {"": null_pair()}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # least recent first
 
     def token_count(self, prompt: str) -> int:
         """Number of tokens the prompt has before truncation (special tokens included)."""
         return len(self.model.tokenizer(prompt)["input_ids"])
 
     @torch.inference_mode()
-    def _encode_new(self, prompts: list[str]) -> None:
+    def _encode_new(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         features = self.model.preprocess(prompts)
         out = self.model({k: v for k, v in features.items() if isinstance(v, torch.Tensor)})
         lengths = out["attention_mask"].sum(dim=1).tolist()
-        for prompt, n, tok, pooled in zip(prompts, lengths, out["token_embeddings"], out["sentence_embedding"]):
-            self._cache[prompt] = (tok[:n].clone(), pooled.clone())
+        return {prompt: (tok[:n].clone(), pooled.clone())
+                for prompt, n, tok, pooled in zip(prompts, lengths, out["token_embeddings"], out["sentence_embedding"])}
+
+    def _remember(self, prompt: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self._cache[prompt] = pair
+        self._cache.move_to_end(prompt)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
 
     def encode_each(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-prompt (tokens, pooled) pairs; whitespace-only prompts count as empty."""
         keys = [p.strip() for p in prompts]
-        new = sorted({k for k in keys if k not in self._cache})
+        found = {"": null_pair()}
+        for k in dict.fromkeys(keys):
+            if k in self._cache:
+                found[k] = self._cache[k]
+                self._cache.move_to_end(k)
+        new = sorted(k for k in set(keys) if k not in found)
         if new:
-            self._encode_new(new)
-        return [self._cache[k] for k in keys]
+            found.update(self._encode_new(new))
+        for k in new:  # after the lookups: a batch larger than the cache must not evict its own results
+            self._remember(k, found[k])
+        return [found[k] for k in keys]
 
     def __call__(self, prompts: Sequence[str]) -> TextCondition:
         return collate(self.encode_each(prompts))

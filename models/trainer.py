@@ -1,8 +1,10 @@
 """The training loop: one obvious loop, resumable exactly, the same code on one CPU or many GPUs (torchrun)."""
 import math
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -14,8 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from diffusion import GaussianDiffusion
-from models.checkpoint import (load_checkpoint, prune_checkpoints, resolve_checkpoint, save_checkpoint,
-                               save_weights, step_checkpoints)
+from models.checkpoint import (CheckpointWriteError, load_checkpoint, prune_checkpoints, remove_stale_temp_files,
+                               save_checkpoint, save_weights, step_checkpoints)
 from models.pipeline import generate_images, pick_device
 from models.text_encoder import collate
 from models.unet import ConditionalUNet, UNetConfig
@@ -56,6 +58,8 @@ class TrainConfig:
     seed: int = option(0, 'seed of data order, noise and initial weights')
     out_dir: str = option("", 'run folder for checkpoints, plots and samples (default output_ImageNet/runs/<data>_<size>px)')
     resume: bool = option(False, 'continue exactly from the newest checkpoint in the run folder')
+    resume_fallback: bool = option(False, 'with --resume: if the newest checkpoint is unreadable, continue from the newest readable one')
+    max_bad_steps: int = option(10, 'stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped, not applied)')
     save_every_steps: int = option(0, 'also checkpoint every N optimizer steps (0: only at the end of each epoch)')
     keep_last: int = option(3, 'step checkpoints to keep (best.pt is kept apart)')
     sample_every: int = option(5, 'epochs between sample grids and denoising GIFs (0: never)')
@@ -74,6 +78,21 @@ class TrainConfig:
     def run_dir(self) -> Path:
         name = "emoji" if self.data == "emoji" else Path(self.data).resolve().name
         return Path(self.out_dir or f"output_ImageNet/runs/{name}_{self.image_size}px")
+
+
+# settings a checkpoint fixes: resuming with other values would silently continue with the checkpoint's
+MUST_MATCH_ON_RESUME = ("batch_size", "lr", "weight_decay", "warmup_steps", "lr_decay", "ema_decay", "seed")
+CHECKPOINT_KEYS = ("config", "model", "ema", "optimizer", "scaler", "lr_scheduler", "epoch", "step",
+                   "batch_in_epoch", "history", "best_val", "rng")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(SystemExit):
+    """SIGINT/SIGTERM stopped training after a checkpoint; the exit status is 128 + the signal number."""
+
+
+class TrainingStopped(SystemExit):
+    """Training cannot go on (diverged, disk full); the message says why and what was kept."""
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -133,14 +152,19 @@ class Trainer:
                                           drop_last=len(self.data) >= cfg.batch_size * self.world)
         self.loader = DataLoader(self.data, cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
                                  drop_last=len(self.data) >= cfg.batch_size * self.world,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
+                                 pin_memory=self.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                                 worker_init_fn=_ignore_stop_signals if cfg.num_workers else None)
         self.total_steps = cfg.epochs * len(self.loader)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.total_steps))
         self.noise_gen = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
         self.best_val = float("inf")
+        self.skipped_steps = self.bad_in_a_row = 0  # steps dropped for a non-finite loss or gradient
+        self.stop_signal = 0  # set by SIGINT/SIGTERM: checkpoint and stop after the current step
         self.prompts = list(cfg.sample_prompts) or self._default_prompts()
+        if self.main:
+            remove_stale_temp_files(self.run_dir)  # left by a process killed mid-write
         if cfg.resume:
             self._resume()
 
@@ -165,7 +189,8 @@ class Trainer:
         keep = ~drop.to(self.device)
         return type(cond)(cond.tokens, cond.mask & keep[:, None], cond.pooled * keep[:, None])
 
-    def train_step(self, images, captions) -> float:
+    def train_step(self, images, captions) -> float | None:
+        """One optimizer step; None if it was skipped because the loss or the gradient was not finite."""
         x0 = images.to(self.device, non_blocking=True)
         drop = torch.rand(len(captions), generator=self.noise_gen, device=self.device) < self.cfg.p_uncond
         cond = self._condition(captions, drop)
@@ -177,13 +202,31 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if not self._finite(loss, grad_norm):
+            self.opt.zero_grad(set_to_none=True)  # nothing of this batch reaches the weights
+            self.scaler.update()
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+            return None
         self.scaler.step(self.opt)
         self.scaler.update()
         self.lr_sched.step()
         self.ema.update_parameters(self.model)
         self.step += 1
+        self.bad_in_a_row = 0
         return loss.item()
+
+    def _finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Loss and gradient finite on every rank. With fp16 the gradient scaler already skips (and
+        learns from) overflowing gradients, so only the loss is checked then."""
+        ok = torch.isfinite(loss.detach().float())
+        if not self.scaler.is_enabled():
+            ok = ok & torch.isfinite(grad_norm)
+        if self.world > 1:  # ranks must agree, or DDP's next all-reduce would hang
+            ok = ok.float()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok)
 
     @torch.no_grad()
     def validation_loss(self, n: int = 256) -> float:
@@ -202,6 +245,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
 
     def train(self) -> None:
+        """Run to the end (or the step/time budget). SIGINT/SIGTERM: checkpoint, then raise Interrupted."""
+        with self._stop_on_signals():
+            self._train()
+
+    def _train(self) -> None:
         start = time.time()
         while self.epoch < self.cfg.epochs:
             self.sampler.set_epoch(self.epoch)
@@ -217,15 +265,24 @@ class Trainer:
             for images, captions in bar:
                 loss = self.train_step(images, captions)
                 self.batch_in_epoch += 1
-                self.history["step"].append(self.step)
-                self.history["loss"].append(loss)
-                rate = len(images) * self.world / max(time.time() - tick, 1e-9)
+                if loss is None:
+                    self._check_divergence()
+                else:
+                    self.history["step"].append(self.step)
+                    self.history["loss"].append(loss)
+                    rate = len(images) * self.world / max(time.time() - tick, 1e-9)
+                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{self.lr_sched.get_last_lr()[0]:.1e}",
+                                    **({"skipped": self.skipped_steps} if self.skipped_steps else {}))
+                    if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+                        self.save()
                 tick = time.time()
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}", lr=f"{self.lr_sched.get_last_lr()[0]:.1e}")
-                if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
+                over_budget, signum = self._should_stop(start)
+                if over_budget or signum:
                     self.save()
-                if self._out_of_budget(start):
-                    self.save()
+                    if signum:
+                        self._finish(f"interrupted by {signal.Signals(signum).name} at step {self.step}, checkpoint "
+                                     f"saved; run the same command with --resume to continue")
+                        raise Interrupted(128 + signum)
                     self._finish(f"stopped early at step {self.step} (budget reached)")
                     return
             self.epoch += 1
@@ -233,14 +290,53 @@ class Trainer:
             self.end_of_epoch()
         self._finish(f"finished {self.cfg.epochs} epochs, {self.step} steps")
 
-    def _out_of_budget(self, start: float) -> bool:
-        over = (self.cfg.max_steps and self.step >= self.cfg.max_steps) or \
-               (self.cfg.max_minutes and time.time() - start > 60 * self.cfg.max_minutes)
+    def _should_stop(self, start: float) -> tuple[bool, int]:
+        """(step or time budget reached, number of a stop signal received or 0), agreed by all ranks."""
+        over = bool((self.cfg.max_steps and self.step >= self.cfg.max_steps) or
+                    (self.cfg.max_minutes and time.time() - start > 60 * self.cfg.max_minutes))
+        signum = self.stop_signal
         if self.world > 1:  # all ranks must stop together
-            flag = torch.tensor(float(bool(over)), device=self.device)
-            dist.all_reduce(flag)
-            over = flag.item() > 0
-        return bool(over)
+            flags = torch.tensor([float(over), float(signum)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            over, signum = flags[0].item() > 0, int(flags[1].item())
+        return over, signum
+
+    def _check_divergence(self) -> None:
+        """After max_bad_steps non-finite steps in a row, stop without writing: the last checkpoint stays the good one."""
+        if self.bad_in_a_row < self.cfg.max_bad_steps:
+            return
+        kept = step_checkpoints(self.run_dir)
+        kept = f"the newest checkpoint, {kept[-1]}, holds them" if kept else "no checkpoint had been written yet"
+        message = (f"training stopped: the loss or gradient was not finite (NaN or inf) for {self.bad_in_a_row} "
+                   f"steps in a row (--max-bad-steps {self.cfg.max_bad_steps}) in epoch {self.epoch + 1}; "
+                   f"{self.skipped_steps} steps skipped in all. Skipped steps never reach the weights, so they are "
+                   f"those of step {self.step}, the last good one, and {kept}. A lower --lr, --precision fp32 or "
+                   "a look at the data may help.")
+        if self.world > 1:
+            dist.destroy_process_group()
+        raise TrainingStopped(message)
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """SIGINT/SIGTERM ask for a checkpoint and a clean stop after the current step; a second one stops at
+        once (KeyboardInterrupt), which loses only the work since the last checkpoint."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            if self.main:
+                tqdm.write(f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
+                           "(send it again to stop at once)")
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, old in previous.items():
+                signal.signal(s, old)
 
     def end_of_epoch(self) -> None:
         val = self.validation_loss()
@@ -285,18 +381,25 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
             "history": self.history, "best_val": self.best_val, "rng": self._rng_state(),
+            "skipped_steps": self.skipped_steps,
         }
 
     def save(self, best: bool = False) -> None:
         if not self.main:
             return
         state = self.state()
-        save_checkpoint(state, self.run_dir / f"checkpoint_{self.step:08d}.pt")
-        prune_checkpoints(self.run_dir, self.cfg.keep_last)
-        if best:
-            save_checkpoint(state, self.run_dir / "best.pt")
-        ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-        save_weights(ema, {"config": state["config"], "info": state["info"]}, self.run_dir / "ema.safetensors")
+        # the step checkpoint goes last: it is what --resume reads, so a kill before it redoes best.pt and
+        # ema.safetensors too; old checkpoints are pruned only once the new one is safely written
+        try:
+            if best:
+                save_checkpoint(state, self.run_dir / "best.pt")
+            ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+            save_weights(ema, {"config": state["config"], "info": state["info"]}, self.run_dir / "ema.safetensors")
+            save_checkpoint(state, self.run_dir / f"checkpoint_{self.step:08d}.pt")
+            prune_checkpoints(self.run_dir, self.cfg.keep_last)
+        except CheckpointWriteError as error:
+            raise TrainingStopped(f"training stopped at step {self.step}: {error}. Free some space, then run the "
+                                  "same command with --resume.") from None
 
     def _rng_state(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "noise": self.noise_gen.get_state()}
@@ -311,24 +414,52 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     def _resume(self) -> None:
-        if not step_checkpoints(self.run_dir):
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir} (expected checkpoint_*.pt)")
-        ckpt = load_checkpoint(step_checkpoints(self.run_dir)[-1])
-        if ckpt["config"]["unet"] != self.unet_cfg.to_dict():
-            raise ValueError(f"--resume: the checkpoint's model config {ckpt['config']['unet']} does not match "
-                             f"the flags' {self.unet_cfg.to_dict()}")
+        path, ckpt = self._newest_readable_checkpoint()
+        self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16 gradient scaling: a resumed fp16 run starts a fresh scale
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
         self.epoch, self.step, self.batch_in_epoch = ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"]
         self.history, self.best_val = ckpt["history"], ckpt["best_val"]
+        self.skipped_steps = ckpt.get("skipped_steps", 0)
         self._pending_rng = ckpt["rng"]
         if not self.batch_in_epoch:
             self._restore_rng(self._pending_rng)
         if self.main:
-            tqdm.write(f"resumed from step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+            tqdm.write(f"resumed from {path.name}: step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict]:
+        """The newest checkpoint, or with --resume-fallback the newest one that loads and is complete."""
+        found = step_checkpoints(self.run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir} (expected checkpoint_*.pt)")
+        for path in reversed(found):
+            try:
+                return path, read_training_checkpoint(path)
+            except ValueError as error:
+                if not self.cfg.resume_fallback:
+                    raise ValueError(f"--resume: {error}\nRun with --resume-fallback to continue from the newest "
+                                     f"readable checkpoint instead ({len(found) - 1} older in {self.run_dir}).") from None
+                if self.main:
+                    tqdm.write(f"--resume-fallback: skipping {path.name}: {error}")
+        raise ValueError(f"--resume: none of the {len(found)} checkpoints in {self.run_dir} is readable")
+
+    def _check_resumable(self, path: Path, ckpt: dict) -> None:
+        """Refuse to resume with flags that contradict the checkpoint, naming each difference."""
+        config = ckpt["config"]
+        saved = {**config["unet"], "schedule": config.get("schedule"), "timesteps": config.get("timesteps")}
+        wanted = {**self.unet_cfg.to_dict(), "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps}
+        saved_train, flags = config.get("train", {}), asdict(self.cfg)
+        saved.update({k: saved_train[k] for k in MUST_MATCH_ON_RESUME if k in saved_train})
+        wanted.update({k: flags[k] for k in MUST_MATCH_ON_RESUME if k in saved_train})
+        diffs = [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
+                 for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+        if diffs:
+            raise ValueError(f"--resume: {path} does not match the flags ({'; '.join(diffs)}). Resume with the flags "
+                             "the run was started with, or start a new run in another --out-dir.")
 
     def _finish(self, message: str) -> None:
         if self.world > 1:
@@ -343,6 +474,21 @@ class Trainer:
             dist.destroy_process_group()
         if self.main:
             tqdm.write(f"{message}; outputs in {self.run_dir}")
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """load_checkpoint, plus a clear error if the file lacks what resuming needs."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a complete training checkpoint (missing: {', '.join(missing)})")
+    return ckpt
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C/SIGTERM to the main process, which checkpoints and stops them."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _split(cond, size):

@@ -62,3 +62,20 @@ def test_no_network_connection_is_attempted():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=os.getcwd())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "torch.Size([1, 384])" in r.stdout
+
+
+def test_cache_is_bounded_keeps_recent_prompts_and_serves_batches_larger_than_itself(text_encoder, monkeypatch):
+    monkeypatch.setattr(text_encoder, "cache_size", 3)
+    for i in range(6):
+        text_encoder.encode_each([f"prompt number {i}"])
+    assert list(text_encoder._cache) == ["prompt number 3", "prompt number 4", "prompt number 5"]
+    text_encoder.encode_each(["prompt number 3"])  # used again: now the most recent
+    text_encoder.encode_each(["a new prompt"])
+    assert list(text_encoder._cache) == ["prompt number 5", "prompt number 3", "a new prompt"]
+    batch = [f"batch prompt {i}" for i in range(5)] + ["", "batch prompt 0"]
+    pairs = text_encoder.encode_each(batch)
+    assert len(text_encoder._cache) == 3 and len(pairs) == 7 and pairs[5][0].shape[0] == 0
+    for prompt, (tokens, pooled) in zip(batch[:5], pairs):
+        alone_tokens, alone_pooled = text_encoder._encode_new([prompt])[prompt]
+        torch.testing.assert_close(tokens, alone_tokens, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pooled, alone_pooled, atol=1e-5, rtol=1e-4)

@@ -27,6 +27,7 @@ from models import text_encoder
 
 NOTO_EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+MAX_DECODE_PIXELS = 40_000_000  # ~120 MB decoded; a bigger image (or a forged header) is skipped, not risked
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}  # Fitzpatrick modifiers: variants, not new subjects
 IMAGENET_TEMPLATES = ("a photo of {}", "{}", "a picture of {}", "a close-up photo of {}")
 DATA_LAYOUTS = """Accepted data:
@@ -82,8 +83,10 @@ def on_white(img: Image.Image) -> Image.Image:
 def load_image(path: Path, size: int, grayscale: bool) -> torch.Tensor:
     """One file -> uint8 (C, size, size): centre-cropped to a square and resized (antialiased) if needed."""
     mode = "L" if grayscale else "RGB"
-    with Image.open(path) as img:
+    with Image.open(path) as img:  # reads the header only
         img.draft(mode, (size, size))  # JPEGs decode at a reduced scale still >= size: far faster for big photos
+        if img.width * img.height > MAX_DECODE_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels is more than the {MAX_DECODE_PIXELS:,} decoded at most")
         img = on_white(img).convert(mode)
     if img.size != (size, size):
         img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
@@ -117,9 +120,11 @@ def decode_images(paths: list[Path], size: int, grayscale: bool, desc: str) -> t
 
 
 def image_files(folder: Path) -> list[Path]:
-    # hidden files are clutter such as macOS's '._photo.jpg' resource forks, not images
+    """Regular files with an image extension, and dangling links (so they are counted as unreadable). Not
+    pipes or devices, which could block a read forever. Hidden files are clutter such as macOS's '._photo.jpg'."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 # --- Tiny ImageNet -------------------------------------------------------------------------------
@@ -161,7 +166,11 @@ def tiny_imagenet(root, split: str = "train", image_size: int = 64, grayscale: b
 def jsonl_captions(path: Path) -> dict[str, list[str]]:
     """captions.jsonl: lines {"file": "<class>/<name>", "caption": "..."} or {..., "captions": [...]}."""
     found: dict[str, list[str]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); expected one JSON object per line") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -172,6 +181,17 @@ def jsonl_captions(path: Path) -> dict[str, list[str]]:
             raise ValueError(f"{path}:{n}: expected {{\"file\": \"<class>/<name>\", \"caption\": \"...\"}} "
                              f"or {{\"file\": ..., \"captions\": [...]}}, got {line!r} ({e!r})") from None
     return found
+
+
+def sidecar_captions(path: Path) -> list[str]:
+    """Lines of an image's caption file; one that is unreadable or not UTF-8 text is ignored with a warning."""
+    if not path.is_file():
+        return []
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        warnings.warn(f"ignored caption file {path}: not readable as UTF-8 text ({e})", stacklevel=3)
+        return []
 
 
 def image_folder(root, image_size: int = 32, grayscale: bool = False) -> CaptionedImages:
@@ -190,9 +210,7 @@ def image_folder(root, image_size: int = 32, grayscale: bool = False) -> Caption
         warnings.warn(f"{len(unmatched)} entries of {jsonl} name no image, e.g. {sorted(unmatched)[0]!r}", stacklevel=2)
 
     def captions_of(path: Path) -> list[str]:
-        sidecar = path.with_suffix(".txt")
-        texts = own.get(path.relative_to(root).as_posix(), [])
-        texts += sidecar.read_text().splitlines() if sidecar.exists() else []
+        texts = own.get(path.relative_to(root).as_posix(), []) + sidecar_captions(path.with_suffix(".txt"))
         texts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
         return texts or [path.parent.name.replace("_", " ").replace("-", " ")]
 

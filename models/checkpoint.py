@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, safe loading (weights_only / safetensors), run-folder bookkeeping."""
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -52,6 +54,12 @@ def load_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as e:  # weights_only met something it will not build: never called, refused
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f" (it names {found.group(1)})" if found else ""
+        raise ValueError(f"refused to load {path}: it holds pickled Python objects other than tensors and plain "
+                         f"data{what}, which could run code. Checkpoints of this project never do; nothing from "
+                         "the file was run.") from e
     except Exception as e:
         raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
 

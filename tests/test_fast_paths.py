@@ -26,7 +26,7 @@ def test_small_bf16_attention_matches_the_fused_kernel(keys):
     torch.testing.assert_close(grad, ref_grad, atol=0.05, rtol=0.05)
     # masked keys get exactly zero weight: junk in them changes nothing
     k2, v2 = k.detach().clone(), v.detach().clone()
-    hidden = ~mask[:, 0, 0, :, None].expand(-1, 4, -1, 32)
+    hidden = ~mask[:, 0, 0, None, :, None].expand(-1, 4, -1, 32)
     k2[hidden], v2[hidden] = 1e4, -1e4
     with torch.autocast("cpu", torch.bfloat16):
         assert torch.equal(attention(q, k2, v2, mask), attention(q, k.detach(), v.detach(), mask))

@@ -48,12 +48,15 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="shipped")
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--n", type=int, nargs="+", default=[8, 16], help="images per `sample` run (8: its default)")
+    p.add_argument("--n", type=int, nargs="*", default=[8, 16], help="images per `sample` run (8: its default)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--data", default="emoji")
     p.add_argument("--cache-dir", default="data")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=5)
+    p.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure a process that only loads the text encoder")
+    p.add_argument("--train-precisions", nargs="*", default=["auto", "fp32"], choices=["auto", "fp32", "bf16"])
     add_output_args(p)
     args = p.parse_args(argv)
     arch, py = ARCHS[args.arch], sys.executable
@@ -64,11 +67,12 @@ def main(argv=None) -> str:
                                       "info": {"dataset": "random weights"}}, checkpoint)
     runs = [("floor: import, load the text encoder",
              [py, "-c", "from models.pipeline import Pipeline; from models.text_encoder import TextEncoder; TextEncoder()"])]
+    runs = runs if args.floor else []
     for n in args.n:
         runs.append((f"`sample --n {n} --steps {args.steps}` (DPM-Solver++, guidance 3)",
                      [py, "diffusion.py", "sample", "--checkpoint", str(checkpoint), "--prompt", "a red apple",
                       "--n", str(n), "--steps", str(args.steps), "--out-dir", str(tmp / f"samples{n}")]))
-    for prec in ("auto", "fp32"):
+    for prec in args.train_precisions:
         runs.append((f"`train --batch-size {args.batch} --precision {prec}`",
                      [py, "diffusion.py", "train", "--data", args.data, "--cache-dir", args.cache_dir,
                       *arch_flags(arch, args.size), "--batch-size", str(args.batch), "--precision", prec,

@@ -1,0 +1,72 @@
+"""Smoke test: every benchmark script runs at tiny sizes and writes its markdown table."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.fixture(scope="module")
+def folder_data(tmp_path_factory):
+    """Two classes of four 32x32 images: a data set for `train --data FOLDER`."""
+    root = tmp_path_factory.mktemp("data")
+    for name, color in [("red", (255, 0, 0)), ("blue", (0, 0, 255))]:
+        (root / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (32, 32), tuple(c // (i + 1) for c in color)).save(root / name / f"{i}.png")
+    return root
+
+
+def check_table(doc: Path, key: str, header: str):
+    text = doc.read_text()
+    assert f"<!-- bench:{key} -->" in text and f"<!-- /bench:{key} -->" in text
+    block = text.split(f"<!-- bench:{key} -->")[1].split(f"<!-- /bench:{key} -->")[0]
+    assert "`python bench/" in block and "Machine: " in block and "torch " in block
+    lines = [line for line in block.splitlines() if line.startswith("|")]
+    assert lines[0].startswith(f"| {header}") and lines[1].startswith("|---") and len(lines) >= 3
+    return lines
+
+
+def test_latency(tmp_path):
+    pytest.importorskip("diffusers")
+    import unet_latency
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\nintro\n\n<!-- bench:latency-tiny -->\nold table\n<!-- /bench:latency-tiny -->\n\nmore\n")
+    unet_latency.main(["--arch", "tiny", "--sizes", "32", "--batches", "2", "--reps", "1", "--min-time", "0",
+                       "--write", "--doc", str(doc)])
+    lines = check_table(doc, "latency-tiny", "px")
+    assert len(lines) == 3 and lines[2].startswith("| 32 | 2 |")
+    text = doc.read_text()  # its own section replaced in place, the rest kept
+    assert "old table" not in text and text.count("<!-- bench:latency-tiny -->") == 1
+    assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("more")
+
+
+def test_generation(tmp_path, text_encoder):
+    pytest.importorskip("diffusers")
+    import generation
+    doc = tmp_path / "bench.md"
+    generation.main(["--arch", "tiny", "--n", "1", "--steps", "2", "--reps", "1", "--write", "--doc", str(doc)])
+    check_table(doc, "generation-tiny", "images")
+
+
+def test_training(tmp_path, folder_data):
+    pytest.importorskip("diffusers")
+    import training
+    doc = tmp_path / "bench.md"
+    training.main(["--arch", "tiny", "--data", str(folder_data), "--cache-dir", str(tmp_path), "--batch", "4",
+                   "--precisions", "fp32", "--reps", "1", "--peak-seconds", "0.1", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "training-tiny", "precision")
+    assert lines[2].startswith("| fp32 |")
+
+
+def test_memory(tmp_path, folder_data):
+    import memory
+    doc = tmp_path / "bench.md"
+    memory.main(["--arch", "tiny", "--n", "1", "--steps", "2", "--data", str(folder_data), "--cache-dir", str(tmp_path),
+                 "--batch", "4", "--train-steps", "1", "--train-precisions", "fp32", "--no-floor", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "memory-tiny", "process")
+    assert len(lines) == 4 and all(float(line.split("|")[2]) > 50 for line in lines[2:])  # MiB

@@ -20,7 +20,7 @@ from PIL import Image
 
 from common import (MATCHED, SHIPPED, TINY, DiffusersDenoiser, add_output_args, interleaved, median, n_params,
                     our_unet, ratio_of_medians, section, table, write_section)
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, dpmpp_2m_sample
 from models.pipeline import Pipeline
 from models.text_encoder import TextEncoder
 from plot_func import save_png, to_pil, to_uint8
@@ -108,6 +108,11 @@ def main(argv=None) -> str:
                      f"**{ratio_of_medians(r['ours'], r['diffusers fp32']):.2f}**",
                      f"**{ratio_of_medians(r['ours'], r['diffusers bf16']):.2f}**"])
         print(rows[-1])
+    # what our sampler loop itself costs per step, with a denoiser that does nothing
+    x = torch.randn(max(args.n), 3, args.size, args.size)
+    zero = lambda x_t, t: torch.zeros_like(x_t)
+    loop = interleaved({"loop": lambda: dpmpp_2m_sample(zero, pipe.diffusion, x, args.steps, clip_x0=True)}, 3, 1, 0.2)
+    loop_us = 1e6 * median(loop["loop"]) / args.steps
     assert len(list(out.glob("ours_*.png"))) == max(args.n) and len(list(out.glob("diffusers_*.png"))) == max(args.n)
     header = ["images", "ours s", "diffusers fp32 s", "diffusers bf16 s", "ours / diffusers fp32",
               "ours / diffusers bf16"]
@@ -116,7 +121,8 @@ def main(argv=None) -> str:
              f"{n_params(unet) / 1e6:.2f}M diffusers); DPM-Solver++(2M), {args.steps} steps, guidance {args.guidance}, "
              f"so each step runs the U-Net on 2 x images. Seconds from prompt to PNG files on disk, medians of "
              f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast on CPUs with "
-             "native bf16, else fp32).")
+             "native bf16, else fp32). Our sampler's own work per step (DPM-Solver++ update, clipping, with a "
+             f"denoiser that returns zeros, {max(args.n)} images): {loop_us:.0f} us.")
     print(body + "\n\n" + notes)
     if args.write:
         write_section(f"generation-{args.arch}", section(f"End-to-end generation ({args.arch} config)", body, notes),

@@ -26,6 +26,8 @@ def main(argv=None) -> str:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--reps", type=int, default=7, help="timed rounds (after one warm-up round)")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds each variant runs per round (>= 1 call)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours under torch.compile (inductor, frozen weights), bf16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     add_output_args(p)
     args = p.parse_args(argv)
@@ -39,6 +41,10 @@ def main(argv=None) -> str:
         ours, theirs = our_unet(arch, size).eval(), DiffusersDenoiser(arch, size, args.peer == "transformer").eval()
         for m in (ours, theirs):
             m.requires_grad_(False)
+        if args.compile:
+            from torch._inductor import config as inductor_config
+            inductor_config.freezing = True  # weights become constants: prepacked for oneDNN
+            compiled = torch.compile(ours)
         x1, t1, c1 = torch.randn(1, 3, size, size), torch.tensor([500]), random_condition(1)
         f_ours, f_theirs = count_flops(lambda: ours(x1, t1, c1)), count_flops(lambda: theirs(x1, t1, c1))
         info.append(f"{size}px: ours {n_params(ours) / 1e6:.2f}M parameters, {f_ours / 1e9:.2f} GFLOP per image; "
@@ -53,19 +59,25 @@ def main(argv=None) -> str:
                     with autocast(dtype):
                         model(x, t, c)
                 return call
+            variants = {"ours fp32": run(ours, None), "diffusers fp32": run(theirs, None),
+                        "ours bf16": run(ours, bf16), "diffusers bf16": run(theirs, bf16)}
+            if args.compile:
+                variants["ours compiled bf16"] = run(compiled, bf16)
             with torch.inference_mode():
-                r = interleaved({"ours fp32": run(ours, None), "diffusers fp32": run(theirs, None),
-                                 "ours bf16": run(ours, bf16), "diffusers bf16": run(theirs, bf16)},
-                                args.reps, warmup=1, min_time=args.min_time)
+                r = interleaved(variants, args.reps, warmup=1, min_time=args.min_time)
             ms = {k: f"{1e3 * median(v):.1f}" for k, v in r.items()}
             rows.append([size, b, ms["ours fp32"], ms["diffusers fp32"],
                          f"**{ratio_of_medians(r['ours fp32'], r['diffusers fp32']):.2f}**",
                          ms["ours bf16"], ms["diffusers bf16"],
                          f"**{ratio_of_medians(r['ours bf16'], r['diffusers bf16']):.2f}**",
                          f"**{ratio_of_medians(r['ours bf16'], r['diffusers fp32']):.2f}**"])
+            if args.compile:
+                rows[-1] += [ms["ours compiled bf16"],
+                             f"**{ratio_of_medians(r['ours compiled bf16'], r['diffusers bf16']):.2f}**"]
             print(rows[-1])
     header = ["px", "batch", "ours fp32 ms", "diffusers fp32 ms", "ratio fp32", "ours bf16 ms", "diffusers bf16 ms",
               "ratio bf16", "ours default / diffusers default"]
+    header += ["ours compiled bf16 ms", "compiled / diffusers bf16"] if args.compile else []
     body = table(header, rows)
     peer = "Transformer2D (Stable Diffusion) blocks" if args.peer == "transformer" else "SimpleCrossAttn blocks"
     notes = (f"Config: {arch.describe()}, {arch.heads} heads, cross-attention dim 384, 12-token prompts; diffusers with {peer}.\n\n"
@@ -73,10 +85,13 @@ def main(argv=None) -> str:
              "\n\nRatios are ours/diffusers (below 1: ours is faster), medians of the per-round ratios of "
              f"{args.reps} interleaved rounds. \"bf16\" is torch.autocast(\"cpu\", bfloat16); our sampler uses it by "
              "default on CPUs with native bf16 (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
-             "unless told otherwise, hence the last column.")
+             "unless told otherwise, hence the column \"ours default / diffusers default\"." + (
+                 " torch.compile's compilation (tens of seconds per shape) happens in the warm-up round."
+                 if args.compile else ""))
     print(body + "\n\n" + notes)
     if args.write:
-        key = f"latency-{args.arch}" + ("-transformer" if args.peer == "transformer" else "")
+        key = f"latency-{args.arch}" + ("-transformer" if args.peer == "transformer" else "") + \
+            ("-compile" if args.compile else "")
         write_section(key, section(f"Denoiser step latency ({args.arch} config"
                                    + (", SD-style peer" if args.peer == "transformer" else "") + ")", body, notes),
                       args.doc)

@@ -21,6 +21,7 @@ from models.text_encoder import TextCondition, collate  # noqa: E402
 from models.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
+LOAD_AT_START = os.getloadavg()[0]  # other processes competing for the cores skew every timing
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def section(title: str, body: str, notes: str = "") -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = f"## {title}\n\n`{command()}`\n\nMachine: {machine()}; measured {when}.\n\n{body}\n"
+    text = (f"## {title}\n\n`{command()}`\n\nMachine: {machine()}; measured {when}, 1-minute load average "
+            f"{LOAD_AT_START:.1f} when it started.\n\n{body}\n")
     return text + (f"\n{notes.strip()}\n" if notes else "")
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Regenerates every table of docs/benchmarks.md (about 25 minutes on 2 cores). Run it on an idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+python bench/unet_latency.py --write                                  # matched config, 32/64 px, batch 1/4/16
+python bench/unet_latency.py --arch shipped --sizes 32 --write        # the shipped model
+python bench/unet_latency.py --peer transformer --batches 4 --write   # diffusers' SD-style attention blocks
+python bench/unet_latency.py --compile --batches 4 --write            # ours under torch.compile
+python bench/generation.py --write                                    # shipped config, 1 and 4 images
+python bench/generation.py --arch matched --write
+python bench/training.py --write                                      # shipped config, batch 64
+python bench/training.py --arch matched --batch 16 --write
+python bench/memory.py --write

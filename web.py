@@ -13,6 +13,7 @@ import queue
 import random
 import re
 import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -34,6 +35,7 @@ MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 200, 20.0, 2 ** 31 - 1
 MAX_PROMPT_CHARS = 1000
 PREVIEW_FRAMES = 20  # previews streamed per generation (and frames of its GIF), at most
 KEEP_RESULTS = 200   # newest result folders kept on disk
+PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 POLL_S = 0.02  # how often the page's stream checks for a new preview
 CONSUMER_TIMEOUT_S = 30  # a preview nobody collects this long means the client is gone: stop sampling
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
@@ -119,14 +121,21 @@ async def stream_generation(pipe: Pipeline, req: Request, scale: int) -> AsyncIt
 
     steps = pipe.diffusion.T if req.sampler == "ddpm" else req.steps
     recorder = DenoisingRecorder(steps, PREVIEW_FRAMES, scale, on_frame=lambda *frame: put(("frame", frame)))
+    done = [0]
+
+    def each_step(i, x, x0) -> None:  # checked every step, not only per preview: Stop and disconnects act at once
+        if stop.is_set():
+            raise Cancelled
+        done[0] = i + 1
+        recorder(i, x, x0)
 
     def work() -> None:
         try:
-            images = to_uint8(pipe.generate([req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, recorder))
+            images = to_uint8(pipe.generate([req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, each_step))
             recorder.finish(images)
             put(("done", (images, recorder)))
-        except Cancelled:
-            pass
+        except Cancelled:  # logged, so an operator can see abandoned work being dropped
+            print(f"generation stopped after {done[0]} of {steps} steps: Stop pressed or the client left", flush=True)
         except Exception as error:  # handed to the consumer, which reports it
             try:
                 put(("error", error))
@@ -195,6 +204,8 @@ def examples(info: dict) -> list[str]:
 def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: int = 1) -> gr.Blocks:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{PREVIEW_DIR_PREFIX}*"):  # left by a server that was killed mid-generation
+        shutil.rmtree(stale, ignore_errors=True)
     image_size = pipe.model.cfg.image_size
     model_name = Path(pipe.info.get("path", "model")).name
 
@@ -215,16 +226,24 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                            print_exception=False) from None
 
     async def stream_frames(req: Request, total: int, note: str):
-        async for kind, value in stream_generation(pipe, req, display_scale(req.n, image_size)):
-            if kind == "frame":
-                frame, done = value
-                yield gr.skip(), gr.skip(), frame, progress_html(done, total, f"· seed {req.seed}{note}")
-            else:
-                images, recorder = value
-                gallery, gif = await asyncio.to_thread(save_results, images, recorder, req, model_name, out_dir)
-                # the preview already shows the final grid: one preview per GIF frame
-                yield gallery, gif, gr.skip(), (f"Done: {req.n} image(s) of “{req.prompt}”, seed {req.seed}, "
-                                                         f"{req.sampler}, {total} steps, guidance {req.guidance:g}{note}")
+        # Previews go out as PNG files of our own, not PIL images: Gradio rewrites a PIL output's cache file
+        # in place, so a user still downloading an identical earlier frame would get a truncated file;
+        # files are copied into the cache atomically and never rewritten. And plain values only, never
+        # gr.skip(): Gradio keeps every component update a session receives for the session's lifetime.
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=PREVIEW_DIR_PREFIX) as frames:
+            frame_path = None
+            async for kind, value in stream_generation(pipe, req, display_scale(req.n, image_size)):
+                if kind == "frame":
+                    frame, done = value
+                    frame_path = str(Path(frames) / f"step{done:04d}.png")
+                    await asyncio.to_thread(frame.save, frame_path)
+                    yield None, None, frame_path, progress_html(done, total, f"· seed {req.seed}{note}")
+                else:
+                    images, recorder = value
+                    gallery, gif = await asyncio.to_thread(save_results, images, recorder, req, model_name, out_dir)
+                    # the preview keeps the final grid: the same file, so the same URL
+                    yield gallery, gif, frame_path, (f"Done: {req.n} image(s) of “{req.prompt}”, seed {req.seed}, "
+                                                     f"{req.sampler}, {total} steps, guidance {req.guidance:g}{note}")
 
     with gr.Blocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
         gr.Markdown("# Text to image diffusion\nType a prompt and watch the images emerge from noise.")

@@ -4,8 +4,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,16 +37,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path  # the server's stdout and stderr
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
 @contextmanager
 def web_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120):
     """Yield the URL of a running web.py; stop it afterwards. Fails if it is not up within `timeout_s`."""
+    with start_server(checkpoint, out_dir, *extra, timeout_s=timeout_s) as server:
+        yield server.url
+
+
+@contextmanager
+def start_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120, env: dict | None = None,
+                 script: str = "web.py"):
+    """Like web_server, but yield the Server: its URL, process and log. `script` runs instead of web.py."""
     port = free_port()
-    args = [sys.executable, "web.py", "--port", str(port), "--out-dir", str(out_dir), "--device", "cpu", *extra]
+    args = [sys.executable, script, "--port", str(port), "--out-dir", str(out_dir), "--device", "cpu", *extra]
     if checkpoint is not None:
         args += ["--checkpoint", str(checkpoint)]
     log = open(out_dir.parent / f"web_{port}.log", "w")
     proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})})
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + timeout_s
@@ -54,11 +74,13 @@ def web_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120):
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
+            except urllib.error.HTTPError:  # up, but wants a login
+                break
             except OSError:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"web.py not up after {timeout_s}s: {Path(log.name).read_text()[-2000:]}")
                 time.sleep(0.5)
-        yield url
+        yield Server(url, proc, Path(log.name))
     finally:
         proc.terminate()
         try:

@@ -54,12 +54,14 @@ def load_checkpoint(path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as e:  # weights_only met something it will not build: never called, refused
+    except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" (it names {found.group(1)})" if found else ""
+        if not found:  # garbage, not a pickle
+            raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
+        # weights_only met a callable it will not build: it was never called
         raise ValueError(f"refused to load {path}: it holds pickled Python objects other than tensors and plain "
-                         f"data{what}, which could run code. Checkpoints of this project never do; nothing from "
-                         "the file was run.") from e
+                         f"data (it names {found.group(1)}), which could run code. Checkpoints of this project "
+                         "never do; nothing from the file was run.") from e
     except Exception as e:
         raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
 

@@ -38,7 +38,7 @@ def evil_files(tmp_path):
     state = {"config": {"unet": {}}, "model": {}, "ema": {}, "evil": Payload(marker)}
     zipped, raw = tmp_path / "checkpoint_00000009.pt", tmp_path / "raw.pt"
     torch.save(state, zipped)
-    raw.write_bytes(pickle.dumps(state))
+    raw.write_bytes(pickle.dumps(state, protocol=2))  # torch's own protocol: read up to the payload's global
     disguised = tmp_path / "model.safetensors"
     disguised.write_bytes(pickle.dumps(state))
     torch.load(zipped, weights_only=False)  # the payload is live: loading without weights_only runs it
@@ -54,6 +54,10 @@ def test_checkpoints_with_a_pickled_payload_are_refused_without_running_it(evil_
             load_checkpoint(path)
         with pytest.raises(ValueError, match="refused to load"):
             load_model(path)  # what `sample` and the web app call
+    newer_protocol = disguised.with_name("protocol4.pt")
+    newer_protocol.write_bytes(disguised.read_bytes())  # a framing torch's safe unpickler does not read at all
+    with pytest.raises(ValueError, match="corrupted or not a checkpoint"):
+        load_checkpoint(newer_protocol)
     with pytest.raises(ValueError, match="not a safetensors file"):
         load_weights(disguised)
     with pytest.raises(ValueError, match="not a safetensors file"):

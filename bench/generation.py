@@ -22,7 +22,7 @@ from common import (MATCHED, SHIPPED, TINY, DiffusersDenoiser, add_output_args, 
                     our_unet, ratio_of_medians, section, table, write_section)
 from diffusion import GaussianDiffusion, dpmpp_2m_sample
 from models.pipeline import Pipeline
-from models.text_encoder import TextEncoder
+from models.text_encoder import TextCondition, TextEncoder
 from plot_func import save_png, to_pil, to_uint8
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
@@ -56,15 +56,16 @@ class DiffusersLoop:
         tokens, pooled = self.encode([prompt, ""])  # prompt and negative (empty) prompt, as pipelines do
         ctx = torch.cat([tokens[:1].expand(n, -1, -1), tokens[1:].expand(n, -1, -1)])
         pooled = torch.cat([pooled[:1].expand(n, -1), pooled[1:].expand(n, -1)])
+        cond = TextCondition(ctx, torch.ones(ctx.shape[:2], dtype=torch.bool), pooled)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, 3, self.size, self.size, generator=g) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(steps)
         for t in self.scheduler.timesteps:
             inp = self.scheduler.scale_model_input(torch.cat([x, x]), t)
             with torch.autocast("cpu", self.dtype, enabled=self.dtype is not None):
-                out = self.unet.unet(inp, t, encoder_hidden_states=ctx, class_labels=pooled).sample.float()
-            cond, uncond = out.chunk(2)
-            x = self.scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
+                out = self.unet(inp, t, cond).float()  # UNet2DConditionModel, inside the patch unfold
+            eps_c, eps_u = out.chunk(2)
+            x = self.scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
         images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for i, img in enumerate(images):
             Image.fromarray(img).save(out_dir / f"diffusers_{i:04d}.png")

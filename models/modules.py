@@ -34,9 +34,10 @@ class ResBlock(nn.Module):
 
 
 # Score matrices up to this many entries (queries x keys) are computed as two plain matrix products
-# when the attention runs in bf16 on a CPU: there PyTorch's fused CPU kernel is several times slower
-# for short sequences (its backward 5-10x at 64 tokens). Larger ones use the fused kernel.
-SMALL_ATTENTION = 256 * 256
+# when the attention runs in bf16 on a CPU: there PyTorch's fused CPU kernel is slower for them (its
+# backward 3-7x at 64x64, measured on 2 cores; forward up to 1.5x for cross-attention to a prompt).
+# Larger ones (self-attention over 16x16 feature maps and up) use the fused kernel.
+SMALL_ATTENTION = 128 * 128
 
 
 def _runs_in_bf16(x: torch.Tensor) -> bool:
@@ -51,7 +52,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+    return scores.softmax(dim=-1).to(v.dtype) @ v  # bf16 softmax accumulates in fp32 internally
 
 
 def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:

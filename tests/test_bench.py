@@ -49,8 +49,8 @@ def test_generation(tmp_path, text_encoder):
     pytest.importorskip("diffusers")
     import generation
     doc = tmp_path / "bench.md"
-    generation.main(["--arch", "tiny", "--n", "1", "--steps", "2", "--reps", "1", "--write", "--doc", str(doc)])
-    check_table(doc, "generation-tiny", "images")
+    generation.main(["--arch", "shipped", "--n", "1", "--steps", "2", "--reps", "1", "--write", "--doc", str(doc)])
+    check_table(doc, "generation-shipped", "images")
 
 
 def test_training(tmp_path, folder_data):

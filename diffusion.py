@@ -6,6 +6,7 @@ Improved-DDPM variance channels when the model learns them); they never redo sch
 """
 import argparse
 import math
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -320,7 +321,7 @@ def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
 
 
 
-# --- command line: python diffusion.py train|sample ----------------------------------------------
+# --- command line: python diffusion.py train|sample|evaluate---------------------------------------------
 
 def _train_parser(sub) -> None:
     from dataclasses import fields
@@ -388,17 +389,79 @@ def sample_command(args) -> None:
     print(f"wrote {len(prompts)} images to {out}")
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure prompt adherence and Frechet distance",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate one image per caption of a random subset and score it: top-1/top-5 "
+                       "retrieval of the prompted training image, and Frechet distance to the training images.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint, ema.safetensors or run folder; default: the shipped model")
+    p.add_argument("--data", default=None, help="captioned data set (as for train); default: the one the model was trained on")
+    p.add_argument("--num-prompts", type=int, default=200, help="captions evaluated (a fixed random subset)")
+    p.add_argument("--settings", nargs="+", default=["dpmpp:10", "dpmpp:25", "ddim:25"],
+                   help="sampler:steps pairs to compare, e.g. dpmpp:20 ddim:50 ddpm:1000")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="fixes the subset and the sampling noise")
+    p.add_argument("--batch", type=int, default=100, help="images generated at once")
+    p.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 weights file "
+                   "(inception_v3_google-0cc3c7bd.pth) for FID proper; default: offline random-conv features")
+    p.add_argument("--out", default=None, help="also write the table, with the command, to this markdown file")
+    p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
+
+
+def parse_settings(specs: list[str]) -> list[tuple[str, int]]:
+    """["dpmpp:25", "ddpm:1000"] -> [("dpmpp", 25), ("ddpm", 1000)], with a clear error for anything else."""
+    settings = []
+    for spec in specs:
+        sampler, _, steps = spec.partition(":")
+        if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: setting {spec!r} is not sampler:steps with a sampler among "
+                             f"{', '.join(sorted(SAMPLERS))} and steps a whole number >= 1 (e.g. dpmpp:25)")
+        settings.append((sampler, int(steps)))
+    return settings
+
+
+def evaluate_command(args) -> None:
+    import shlex
+    from pathlib import Path
+
+    from models.evaluation import InceptionFeatures, evaluate, markdown_table
+    from models.pipeline import Pipeline
+    from preprocess import load_dataset
+    settings = parse_settings(args.settings)
+    pipe = Pipeline.load(args.checkpoint, args.device)
+    cfg = pipe.model.cfg
+    data = load_dataset(args.data or pipe.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
+    if args.num_prompts < 1 or 2 * args.num_prompts > len(data):
+        raise SystemExit(f"error: --num-prompts must be from 1 to {len(data) // 2} (half the {len(data)} images, "
+                         "so that as many other real images form the reference row)")
+    extractor = InceptionFeatures(args.inception_weights) if args.inception_weights else None
+    fd_name = "FID (Inception-v3)" if extractor else "FD (random conv)"
+    rows = evaluate(pipe, data.images, data.captions, settings, args.num_prompts, args.guidance, args.seed,
+                    args.batch, extractor)
+    table = markdown_table(rows, fd_name)
+    print(table)
+    if args.out:
+        command = "python diffusion.py " + " ".join(shlex.quote(a) for a in args.argv)
+        Path(args.out).write_text(f"`{command}`\n\nModel: {pipe.info['path']} ({pipe.info['parameters'] / 1e6:.2f}M "
+                                  f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
+                                  f"seed {args.seed}.\n\n{table}\n")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Text-to-image diffusion: train a model or sample from one.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
+    _evaluate_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.command == "train":
         from models.trainer import TrainConfig, Trainer
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in vars(args).items() if k != "command"})
+                             for k, v in vars(args).items() if k not in ("command", "argv")})
         Trainer(cfg).train()
+    elif args.command == "evaluate":
+        evaluate_command(args)
     else:
         sample_command(args)
 

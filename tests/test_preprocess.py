@@ -177,13 +177,6 @@ def test_caption_choice_is_uniform_and_reproducible_under_manual_seed():
 
 # --- emoji ----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def emoji_dir(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("emoji")
-    build_emoji(32, cache)
-    return cache
-
-
 def test_emoji_set_renders_named_glyphs_on_white(emoji_dir):
     data = emoji_dataset(32, emoji_dir)
     assert 1700 <= len(data) <= 2100 and data.images.shape[1:] == (3, 32, 32) and data.name == "emoji"

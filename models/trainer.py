@@ -105,6 +105,17 @@ def autocast_dtype(precision: str, device: torch.device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def compact_history(history: dict, points: int = 400) -> dict:
+    """The loss history with the training loss averaged into at most `points` bins: small enough to travel
+    in the weights file's metadata, so the shipped model's loss curve can be redrawn without its run folder."""
+    steps, loss = history["step"], history["loss"]
+    k = max(1, -(-len(loss) // points))
+    bins = range(0, len(loss), k)
+    return {"step": [steps[min(i + k, len(loss)) - 1] for i in bins],
+            "loss": [sum(loss[i:i + k]) / len(loss[i:i + k]) for i in bins],
+            "val_step": list(history["val_step"]), "val_loss": list(history["val_loss"])}
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -376,7 +387,7 @@ class Trainer:
             "config": {"train": asdict(self.cfg), "unet": self.unet_cfg.to_dict(),
                        "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps},
             "info": {"dataset": self.data.name, "image_size": self.cfg.image_size, "steps": self.step,
-                     "epochs": self.epoch, "example_prompts": self.prompts},
+                     "epochs": self.epoch, "example_prompts": self.prompts, "history": compact_history(self.history)},
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,

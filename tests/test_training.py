@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import diffusion
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.trainer import TrainConfig, Trainer
+from models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from models.trainer import TrainConfig, Trainer, compact_history
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -66,6 +66,15 @@ def test_two_epoch_run_writes_checkpoints_plot_samples_and_gif(trained_run):
     assert len(ckpt["history"]["val_loss"]) == 2 and all(map(torch.isfinite, map(torch.tensor, ckpt["history"]["loss"])))
     with Image.open(trained_run / "samples_epoch0002.gif") as gif:
         assert gif.n_frames == 26  # 25 denoising previews + the final grid
+    shipped = load_weights(trained_run / "ema.safetensors")[1]["info"]["history"]  # the loss curve travels with the weights
+    assert shipped["loss"] == pytest.approx(ckpt["history"]["loss"]) and shipped["val_loss"] == ckpt["history"]["val_loss"]
+
+
+def test_compact_history_averages_the_training_loss_into_bins():
+    history = {"step": list(range(1, 11)), "loss": [float(i) for i in range(1, 11)], "val_step": [5, 10], "val_loss": [1.0, 0.5]}
+    small = compact_history(history, points=4)  # bins of 3: [1,2,3] [4,5,6] [7,8,9] [10]
+    assert small == {"step": [3, 6, 9, 10], "loss": [2.0, 5.0, 8.0, 10.0], "val_step": [5, 10], "val_loss": [1.0, 0.5]}
+    assert compact_history(history, points=400)["loss"] == history["loss"]
 
 
 def weights(run_dir: Path) -> dict:

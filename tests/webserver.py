@@ -18,14 +18,15 @@ from models.unet import ConditionalUNet, UNetConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(path: Path) -> Path:
+def tiny_model(path: Path, **info_extra) -> Path:
     """A small random-weight model in the shipped format: enough to exercise the app end to end."""
     torch.manual_seed(0)
     cfg = UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                      attention_resolutions=(8,), num_heads=2)
     model = ConditionalUNet(cfg)
     torch.nn.init.normal_(model.out[-1].weight, std=0.02)  # zero-init output would make every frame alike
-    info = {"dataset": "tiny test", "image_size": 16, "steps": 0, "epochs": 0, "example_prompts": ["red apple", "sun"]}
+    info = {"dataset": "tiny test", "image_size": 16, "steps": 0, "epochs": 0, "example_prompts": ["red apple", "sun"],
+            **info_extra}
     save_weights(model.state_dict(), {"config": {"unet": cfg.to_dict(), "schedule": "cosine", "timesteps": 1000},
                                       "info": info}, path)
     return path

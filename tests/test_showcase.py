@@ -1,0 +1,35 @@
+"""`python plot_func.py` redraws the showcase from a model file alone (plus its data set)."""
+from PIL import Image
+
+from plot_func import main, slug
+from tests.test_training import make_folder
+from tests.webserver import tiny_model
+
+
+def test_slug_makes_prompts_safe_file_names():
+    assert slug("Red apple!") == "red_apple" and slug("../../etc/passwd") == "etc_passwd" and slug("???") == "prompt"
+
+
+def test_showcase_writes_every_figure_from_the_model_file(tmp_path):
+    history = {"step": [10, 20, 30], "loss": [0.9, 0.5, 0.3], "val_step": [15, 30], "val_loss": [0.8, 0.4]}
+    ckpt = tiny_model(tmp_path / "tiny.safetensors", history=history)
+    folder = make_folder(tmp_path / "shapes")
+    out = tmp_path / "show"
+    main(["--checkpoint", str(ckpt), "--data", str(folder), "--out-dir", str(out), "--prompts", "red square",
+          "blue circle", "--n", "3", "--steps", "4", "--device", "cpu"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["blue_circle_generation.gif", "final_blue_circle.png", "final_red_square.png",
+                     "forward_diffusion.png", "loss.png", "red_square_generation.gif"]
+    final = Image.open(out / "final_red_square.png")
+    assert final.text["prompt"] == "red square" and final.text["steps"] == "4"
+    assert final.width > 3 * final.height - 20  # one row of 3 images
+    gif = Image.open(out / "red_square_generation.gif")
+    assert gif.n_frames == 5  # a preview per step, then the final frame
+
+
+def test_showcase_without_a_saved_history_skips_only_the_loss_curve(tmp_path):
+    ckpt = tiny_model(tmp_path / "tiny.safetensors")
+    folder = make_folder(tmp_path / "shapes")
+    main(["--checkpoint", str(ckpt), "--data", str(folder), "--out-dir", str(tmp_path / "show"),
+          "--prompts", "red square", "--n", "1", "--steps", "2", "--device", "cpu"])
+    assert not (tmp_path / "show" / "loss.png").exists() and (tmp_path / "show" / "forward_diffusion.png").exists()

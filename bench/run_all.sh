@@ -12,3 +12,4 @@ python bench/generation.py --arch matched --write
 python bench/training.py --write                                      # shipped config, batch 64
 python bench/training.py --arch matched --batch 16 --write
 python bench/memory.py --write
+python bench/web_latency.py --write                                   # web app: first preview and finished batch, shipped model

@@ -70,3 +70,15 @@ def test_memory(tmp_path, folder_data):
                  "--batch", "4", "--train-steps", "1", "--train-precisions", "fp32", "--no-floor", "--write", "--doc", str(doc)])
     lines = check_table(doc, "memory-tiny", "process")
     assert len(lines) == 4 and all(float(line.split("|")[2]) > 50 for line in lines[2:])  # MiB
+
+
+def test_web_latency(tmp_path):
+    import web_latency
+
+    from tests.webserver import tiny_model
+    doc = tmp_path / "bench.md"
+    ckpt = tiny_model(tmp_path / "tiny.safetensors")
+    web_latency.main(["--checkpoint", str(ckpt), "--n", "2", "--steps", "3", "--rounds", "1", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "web-latency", "images")
+    first, total = map(float, lines[2].split("|")[2:4])
+    assert len(lines) == 3 and 0 < first <= total

@@ -1,0 +1,65 @@
+"""What a user of `python web.py` waits for: the first streamed preview and the finished batch.
+
+Starts web.py on 127.0.0.1 with the shipped model (or --checkpoint), then for each batch size submits
+/generate through gradio_client, DPM-Solver++ 25 steps, guidance 3, and times from submit to the first
+output carrying a preview frame, and to the finished gallery (PNGs and GIF written). One warm-up
+request, then --rounds rounds; medians. Includes the HTTP/queue round trips a browser also pays.
+
+    python bench/web_latency.py                 # shipped model, 1 and 4 images
+"""
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
+from gradio_client import Client
+
+from tests.webserver import web_server
+
+
+def timed_request(client: Client, n: int, steps: int, seed: int, timeout_s: float = 300) -> tuple[float, float]:
+    """(seconds to the first preview, seconds to the final gallery) for one request."""
+    start = time.perf_counter()
+    job = client.submit("red apple", n, steps, "dpmpp", 3.0, seed, api_name="/generate")
+    first = None
+    while not job.done() and time.perf_counter() - start < timeout_s:
+        if first is None and any(isinstance(out[2], str) for out in job.outputs()):
+            first = time.perf_counter() - start
+        time.sleep(0.01)
+    gallery, *_ = job.result(timeout=timeout_s)
+    total = time.perf_counter() - start
+    assert len(gallery) == n, f"asked for {n} images, got {len(gallery)}"
+    return (first if first is not None else total), total
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model; default: the shipped one")
+    p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="batch sizes")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--rounds", type=int, default=5)
+    add_output_args(p)
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, web_server(args.checkpoint, Path(tmp) / "out") as url:
+        client = Client(url, verbose=False)
+        timed_request(client, 1, args.steps, 0)  # warm-up: first-call allocations, caches
+        for n in args.n:
+            times = [timed_request(client, n, args.steps, seed) for seed in range(1, args.rounds + 1)]
+            first, total = (statistics.median(t[i] for t in times) for i in (0, 1))
+            rows.append([n, f"{first:.2f}", f"{total:.2f}"])
+            print(rows[-1])
+    body = table(["images", "first preview s", "finished batch s"], rows)
+    notes = (f"DPM-Solver++ {args.steps} steps, guidance 3 (conditional and unconditional halves in one batch), "
+             f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
+             "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included).")
+    print(body + "\n\n" + notes)
+    if args.write:
+        write_section("web-latency", section("Web app latency (shipped model)", body, notes), args.doc)
+    return body
+
+
+if __name__ == "__main__":
+    main()

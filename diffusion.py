@@ -421,6 +421,7 @@ def parse_settings(specs: list[str]) -> list[tuple[str, int]]:
 
 
 def evaluate_command(args) -> None:
+    import os
     import shlex
     from pathlib import Path
 
@@ -442,7 +443,8 @@ def evaluate_command(args) -> None:
     print(table)
     if args.out:
         command = "python diffusion.py " + " ".join(shlex.quote(a) for a in args.argv)
-        Path(args.out).write_text(f"`{command}`\n\nModel: {pipe.info['path']} ({pipe.info['parameters'] / 1e6:.2f}M "
+        model = os.path.relpath(pipe.info["path"])
+        Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M "
                                   f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
                                   f"seed {args.seed}.\n\n{table}\n")
 

@@ -321,7 +321,7 @@ def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
 
 
 
-# --- command line: python diffusion.py train|sample|evaluate---------------------------------------------
+# --- command line: python diffusion.py train|sample|evaluate -------------------------------------
 
 def _train_parser(sub) -> None:
     from dataclasses import fields
@@ -420,18 +420,16 @@ def parse_settings(specs: list[str]) -> list[tuple[str, int]]:
     return settings
 
 
-def evaluate_command(args) -> None:
+def evaluate_command(args, argv: list[str]) -> None:
     import os
     import shlex
     from pathlib import Path
 
     from models.evaluation import InceptionFeatures, evaluate, markdown_table
     from models.pipeline import Pipeline
-    from preprocess import load_dataset
     settings = parse_settings(args.settings)
     pipe = Pipeline.load(args.checkpoint, args.device)
-    cfg = pipe.model.cfg
-    data = load_dataset(args.data or pipe.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
+    data = pipe.training_data(args.data)
     if args.num_prompts < 1 or 2 * args.num_prompts > len(data):
         raise SystemExit(f"error: --num-prompts must be from 1 to {len(data) // 2} (half the {len(data)} images, "
                          "so that as many other real images form the reference row)")
@@ -442,7 +440,7 @@ def evaluate_command(args) -> None:
     table = markdown_table(rows, fd_name)
     print(table)
     if args.out:
-        command = "python diffusion.py " + " ".join(shlex.quote(a) for a in args.argv)
+        command = "python diffusion.py " + " ".join(shlex.quote(a) for a in argv)
         model = os.path.relpath(pipe.info["path"])
         Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M "
                                   f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
@@ -455,15 +453,15 @@ def main(argv=None) -> None:
     _train_parser(sub)
     _sample_parser(sub)
     _evaluate_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.command == "train":
         from models.trainer import TrainConfig, Trainer
         cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in vars(args).items() if k not in ("command", "argv")})
+                             for k, v in vars(args).items() if k != "command"})
         Trainer(cfg).train()
     elif args.command == "evaluate":
-        evaluate_command(args)
+        evaluate_command(args, argv)
     else:
         sample_command(args)
 

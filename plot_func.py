@@ -93,8 +93,11 @@ class DenoisingRecorder:
         save_gif(self.frames, path)
 
 
-def plot_loss(steps: list[int], train_loss: list[float], val_epochs_steps: list[int], val_loss: list[float], path) -> None:
-    """Training loss per step (raw and smoothed) and validation loss per evaluation, log scale."""
+def plot_loss(history: dict, path) -> None:
+    """Training loss per step (raw and smoothed) and validation loss per evaluation, log scale.
+
+    `history` holds lists "step", "loss", "val_step", "val_loss" (the trainer's, or its compact copy)."""
+    steps, train_loss, val_epochs_steps, val_loss = (history[k] for k in ("step", "loss", "val_step", "val_loss"))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train_loss:
         ax.plot(steps, train_loss, color="tab:blue", alpha=0.25, lw=0.8)
@@ -158,7 +161,7 @@ def showcase(pipe, data, out_dir, prompts=SHOWCASE_PROMPTS, n: int = 8, sampler:
     written = [out / "forward_diffusion.png"]
     history = pipe.info.get("history")
     if history:
-        plot_loss(history["step"], history["loss"], history["val_step"], history["val_loss"], out / "loss.png")
+        plot_loss(history, out / "loss.png")
         written.append(out / "loss.png")
     for prompt in prompts:
         recorder = DenoisingRecorder(steps, scale=4)
@@ -173,8 +176,8 @@ def showcase(pipe, data, out_dir, prompts=SHOWCASE_PROMPTS, n: int = 8, sampler:
 
 
 def main(argv=None) -> None:
+    from diffusion import SAMPLERS
     from models.pipeline import Pipeline
-    from preprocess import load_dataset
     p = argparse.ArgumentParser(description="Redraw the showcase: forward_diffusion.png, loss.png, "
                                 "final_<prompt>.png and <prompt>_generation.gif", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="model to show; default: the shipped model")
@@ -182,16 +185,14 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default="output_ImageNet", help="where the files go")
     p.add_argument("--prompts", nargs="+", default=list(SHOWCASE_PROMPTS), help="one batch and GIF per prompt")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--sampler", default="dpmpp", choices=["dpmpp", "ddim", "ddpm"], help="sampler")
+    p.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS), help="dpmpp: DPM-Solver++(2M)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
     args = p.parse_args(argv)
     pipe = Pipeline.load(args.checkpoint, args.device)
-    cfg = pipe.model.cfg
-    data = load_dataset(args.data or pipe.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
-    for path in showcase(pipe, data, args.out_dir, args.prompts, args.n, args.sampler, args.steps, args.guidance, args.seed):
+    for path in showcase(pipe, pipe.training_data(args.data), args.out_dir, args.prompts, args.n, args.sampler, args.steps, args.guidance, args.seed):
         print("wrote", path)
 
 

@@ -49,6 +49,12 @@ class Pipeline:
         model, diffusion, info = load_model(path, pick_device(device))
         return cls(model, diffusion, encoder or TextEncoder(), info)
 
+    def training_data(self, spec=None):
+        """The captioned data set `spec` (default: the one the model was trained on) at the model's size."""
+        from preprocess import load_dataset
+        cfg = self.model.cfg
+        return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
+
     def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None) -> torch.Tensor:
         return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed, callback)
 

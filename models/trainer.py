@@ -358,8 +358,7 @@ class Trainer:
         self.save(best=is_best)
         if self.main:
             from plot_func import plot_loss
-            h = self.history
-            plot_loss(h["step"], h["loss"], h["val_step"], h["val_loss"], self.run_dir / "loss.png")
+            plot_loss(self.history, self.run_dir / "loss.png")
             every = self.cfg.sample_every
             if every and (self.epoch % every == 0 or self.epoch == self.cfg.epochs):
                 self.save_samples(f"samples_epoch{self.epoch:04d}")

@@ -4,10 +4,9 @@
 functions of a denoiser `denoiser(x_t, t) -> model output` (predicted noise, plus the
 Improved-DDPM variance channels when the model learns them); they never redo schedule math.
 """
-import argparse
 import math
-import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -60,8 +59,18 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
 
 
+PREDICTIONS = ("eps", "v")
+
+
 class GaussianDiffusion:
-    def __init__(self, betas: torch.Tensor):
+    """The schedule and everything derived from it. `prediction` is what the network outputs: the noise
+    ("eps") or v = alpha_t eps - sigma_t x_0 ("v", Salimans & Ho 2022), which stays informative at the
+    top of the schedule where an eps-model's x_0 estimate is almost pure error."""
+
+    def __init__(self, betas: torch.Tensor, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+        self.prediction = prediction
         self.betas = betas.double()
         self.T = len(betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
@@ -76,10 +85,10 @@ class GaussianDiffusion:
         self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
 
     @classmethod
-    def from_name(cls, schedule: str = "cosine", T: int = 1000) -> "GaussianDiffusion":
+    def from_name(cls, schedule: str = "cosine", T: int = 1000, prediction: str = "eps") -> "GaussianDiffusion":
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-        return cls(SCHEDULES[schedule](T))
+        return cls(SCHEDULES[schedule](T), prediction)
 
     def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """values[t] as a (B, 1, 1, ...) tensor broadcastable against `like`."""
@@ -92,6 +101,10 @@ class GaussianDiffusion:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x0, (1 - abar_t) I)."""
         abar = self._at(self.alphas_cumprod, t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def q_velocity(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """v = alpha_t eps - sigma_t x_0, the v-prediction target."""
+        return self._at(self.alphas, t, x0) * noise - self._at(self.sigmas, t, x0) * x0
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         abar = self._at(self.alphas_cumprod, t, x_t)
@@ -129,9 +142,30 @@ class GaussianDiffusion:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, nll, kl)
 
+    def eps_from_output(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model output with its first channels turned into predicted noise (eps = sigma x_t + alpha v)."""
+        if self.prediction == "eps":
+            return out
+        c = x_t.shape[1]
+        eps = self._at(self.sigmas, t, x_t) * x_t + self._at(self.alphas, t, x_t) * out[:, :c]
+        return torch.cat([eps, out[:, c:]], dim=1)
+
+    def eps_denoiser(self, denoiser: Denoiser) -> Denoiser:
+        """A denoiser that returns predicted noise whatever the network predicts: what the samplers expect."""
+        return denoiser if self.prediction == "eps" else lambda x, t: self.eps_from_output(denoiser(x, t), x, t)
+
+    def loss_weight(self, t: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+        """Min-SNR-gamma weighting (Hang et al. 2023): the x_0-error weight SNR clipped at gamma, expressed
+        for the target's own MSE: min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v. 0: off."""
+        if not min_snr_gamma:
+            return torch.ones(len(t), dtype=torch.float64)
+        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod))[t.cpu()]
+        return snr.clamp(max=min_snr_gamma) / (snr if self.prediction == "eps" else snr + 1)
+
     def training_loss(self, model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                      vlb_weight: float = 0.001) -> torch.Tensor:
-        """Per-sample loss: noise-prediction MSE, plus lambda * L_vlb when the model learns its variance.
+                      vlb_weight: float = 0.001, min_snr_gamma: float = 0.0) -> torch.Tensor:
+        """Per-sample loss: MSE of the predicted noise (or v), optionally Min-SNR weighted, plus
+        lambda * L_vlb when the model learns its variance.
 
         As in Improved DDPM the VLB term sees a frozen noise prediction, so it trains only the
         variance, and L_vlb = T * E_t[L_t] makes lambda = 0.001 weigh each term by T/1000.
@@ -139,9 +173,11 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t)
         c = x0.shape[1]
-        loss = mean_flat((out[:, :c].float() - noise.float()) ** 2)
+        target = noise if self.prediction == "eps" else self.q_velocity(x0, t, noise)
+        weight = self.loss_weight(t, min_snr_gamma).to(device=out.device, dtype=torch.float32)
+        loss = weight * mean_flat((out[:, :c].float() - target.float()) ** 2)
         if out.shape[1] == 2 * c:
-            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1).float()
+            frozen = self.eps_from_output(torch.cat([out[:, :c].detach(), out[:, c:]], dim=1).float(), x_t, t)
             loss = loss + vlb_weight * self.T * self.vlb_term(frozen, x0.float(), x_t.float(), t)
         return loss
 
@@ -297,7 +333,7 @@ def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str
     device = device if device is not None else (generator.device if generator is not None else "cpu")
     x = torch.randn(shape, generator=generator, device=device, dtype=kwargs.pop("dtype", torch.float32))
     steps = sampler_steps(diffusion, sampler, steps)
-    denoiser = fast_denoiser(denoiser, x, precision)
+    denoiser = diffusion.eps_denoiser(fast_denoiser(denoiser, x, precision))
     return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
 
 
@@ -318,153 +354,3 @@ def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
         eps = out_u[:, :c] + scale * (out_c[:, :c] - out_u[:, :c])
         return torch.cat([eps, out_c[:, c:]], dim=1)
     return denoise
-
-
-
-# --- command line: python diffusion.py train|sample|evaluate -------------------------------------
-
-def _train_parser(sub) -> None:
-    from dataclasses import fields
-
-    from models.trainer import TrainConfig
-    p = sub.add_parser("train", help="train a model", description="Train a text-conditioned diffusion model.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    choices = {"schedule": ["cosine", "linear"], "precision": ["auto", "fp32", "bf16", "fp16"],
-               "lr_decay": ["cosine", "constant"]}
-    for f in fields(TrainConfig):
-        flag, kw = "--" + f.name.replace("_", "-"), {"help": f.metadata["help"], "default": f.default}
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, nargs="*", type=str if f.name == "sample_prompts" else int, **kw)
-        else:
-            p.add_argument(flag, type=type(f.default), choices=choices.get(f.name), **kw)
-
-
-def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="generate images from a prompt", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Generate images with a trained model; PNGs carry their settings as metadata.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (.pt / .safetensors) or training run folder "
-                   "(its best, else latest checkpoint); default: the shipped model")
-    p.add_argument("--prompt", default=None, help="text prompt; --n images of it")
-    p.add_argument("--prompts-file", default=None, help="file with one prompt per line: one image per line, in order")
-    p.add_argument("--n", type=int, default=8, help="number of images of --prompt")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (DDPM always uses all T)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp", help="dpmpp: DPM-Solver++(2M)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
-    p.add_argument("--out-dir", default="output_ImageNet/samples", help="where the PNGs go")
-    p.add_argument("--gif", action="store_true", help="also write process.gif of the denoising")
-    p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
-
-
-def sample_command(args) -> None:
-    from pathlib import Path
-
-    from models.pipeline import Pipeline
-    from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
-    if (args.prompt is None) == (args.prompts_file is None):
-        raise SystemExit("error: give exactly one of --prompt or --prompts-file")
-    if args.prompts_file:
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
-    else:
-        prompts = [args.prompt] * args.n
-    if not prompts or args.n < 1:
-        raise SystemExit("error: nothing to generate (no prompts, or --n below 1)")
-    pipe = Pipeline.load(args.checkpoint, args.device)
-    args.steps = sampler_steps(pipe.diffusion, args.sampler, args.steps)
-    recorder = DenoisingRecorder(args.steps) if args.gif else None
-    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, args.guidance, args.seed, recorder))
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (prompt, img) in enumerate(zip(prompts, images)):
-        meta = {"prompt": prompt, "seed": args.seed, "index": i, "sampler": args.sampler, "steps": args.steps,
-                "guidance": args.guidance, "checkpoint": pipe.info["path"]}
-        save_png(to_pil(img), out / f"{i:04d}.png", meta)
-    grid = grid_image(images, scale=2)
-    save_png(grid, out / "grid.png", {"prompts": " | ".join(dict.fromkeys(prompts)), "seed": args.seed})
-    if args.gif:
-        recorder.finish(images)
-        recorder.save(out / "process.gif")
-    print(f"wrote {len(prompts)} images to {out}")
-
-
-def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="measure prompt adherence and Frechet distance",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Generate one image per caption of a random subset and score it: top-1/top-5 "
-                       "retrieval of the prompted training image, and Frechet distance to the training images.")
-    p.add_argument("--checkpoint", default=None, help="checkpoint, ema.safetensors or run folder; default: the shipped model")
-    p.add_argument("--data", default=None, help="captioned data set (as for train); default: the one the model was trained on")
-    p.add_argument("--num-prompts", type=int, default=200, help="captions evaluated (a fixed random subset)")
-    p.add_argument("--settings", nargs="+", default=["dpmpp:10", "dpmpp:25", "ddim:25"],
-                   help="sampler:steps pairs to compare, e.g. dpmpp:20 ddim:50 ddpm:1000")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="fixes the subset and the sampling noise")
-    p.add_argument("--batch", type=int, default=100, help="images generated at once")
-    p.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 weights file "
-                   "(inception_v3_google-0cc3c7bd.pth) for FID proper; default: offline random-conv features")
-    p.add_argument("--out", default=None, help="also write the table, with the command, to this markdown file")
-    p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
-
-
-def parse_settings(specs: list[str]) -> list[tuple[str, int]]:
-    """["dpmpp:25", "ddpm:1000"] -> [("dpmpp", 25), ("ddpm", 1000)], with a clear error for anything else."""
-    settings = []
-    for spec in specs:
-        sampler, _, steps = spec.partition(":")
-        if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
-            raise SystemExit(f"error: setting {spec!r} is not sampler:steps with a sampler among "
-                             f"{', '.join(sorted(SAMPLERS))} and steps a whole number >= 1 (e.g. dpmpp:25)")
-        settings.append((sampler, int(steps)))
-    return settings
-
-
-def evaluate_command(args, argv: list[str]) -> None:
-    import os
-    import shlex
-    from pathlib import Path
-
-    from models.evaluation import InceptionFeatures, evaluate, markdown_table
-    from models.pipeline import Pipeline
-    settings = parse_settings(args.settings)
-    pipe = Pipeline.load(args.checkpoint, args.device)
-    data = pipe.training_data(args.data)
-    if args.num_prompts < 1 or 2 * args.num_prompts > len(data):
-        raise SystemExit(f"error: --num-prompts must be from 1 to {len(data) // 2} (half the {len(data)} images, "
-                         "so that as many other real images form the reference row)")
-    extractor = InceptionFeatures(args.inception_weights) if args.inception_weights else None
-    fd_name = "FID (Inception-v3)" if extractor else "FD (random conv)"
-    rows = evaluate(pipe, data.images, data.captions, settings, args.num_prompts, args.guidance, args.seed,
-                    args.batch, extractor)
-    table = markdown_table(rows, fd_name)
-    print(table)
-    if args.out:
-        command = "python diffusion.py " + " ".join(shlex.quote(a) for a in argv)
-        model = os.path.relpath(pipe.info["path"])
-        Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M "
-                                  f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
-                                  f"seed {args.seed}.\n\n{table}\n")
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Text-to-image diffusion: train a model or sample from one.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
-    _sample_parser(sub)
-    _evaluate_parser(sub)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from models.trainer import TrainConfig, Trainer
-        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v
-                             for k, v in vars(args).items() if k != "command"})
-        Trainer(cfg).train()
-    elif args.command == "evaluate":
-        evaluate_command(args, argv)
-    else:
-        sample_command(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -14,6 +14,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
+from xml.etree import ElementTree
 
 import emoji
 import torch
@@ -29,7 +30,14 @@ NOTO_EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_DECODE_PIXELS = 40_000_000  # ~120 MB decoded; a bigger image (or a forged header) is skipped, not risked
 SKIN_TONES = {chr(c) for c in range(0x1F3FB, 0x1F400)}  # Fitzpatrick modifiers: variants, not new subjects
-IMAGENET_TEMPLATES = ("a photo of {}", "{}", "a picture of {}", "a close-up photo of {}")
+CLDR_ANNOTATIONS = ("/usr/share/unicode/cldr/common/annotations/en.xml",  # Debian: unicode-cldr-core
+                    "/usr/share/unicode/cldr/common/annotationsDerived/en.xml")
+# Captions people write, built from a name n (with article: a) and, for emoji, a CLDR keyword k. Each epoch
+# draws one per image, so the model learns a neighbourhood of the text encoder's space, not one point.
+EMOJI_TEMPLATES = ("{n}", "{a}", "an emoji of {a}", "{n} icon", "{a}, {k}")
+PHOTO_TEMPLATES = ("{n}", "{a}", "a photo of {a}", "a close-up photo of {a}")
+# Never training captions: `evaluate` scores these rewordings to measure generalisation.
+HELDOUT_TEMPLATES = ("a drawing of {a}", "{n} symbol", "a {k} {n}")
 DATA_LAYOUTS = """Accepted data:
   emoji                        the built-in emoji set, rendered on first use (no download)
   path/to/tiny-imagenet-200    Tiny ImageNet as unzipped (or a folder holding tiny-imagenet-200/):
@@ -45,10 +53,13 @@ DATA_LAYOUTS = """Accepted data:
 class CaptionedImages(torch.utils.data.Dataset):
     """Images held in memory as a uint8 tensor (N, C, H, W), each with one or more captions."""
 
-    def __init__(self, images: torch.Tensor, captions: list[list[str]], name: str, skipped: int = 0):
+    def __init__(self, images: torch.Tensor, captions: list[list[str]], name: str, skipped: int = 0,
+                 heldout: list[list[str]] | None = None):
         assert images.dtype == torch.uint8 and len(images) == len(captions), "one uint8 image per caption list"
         assert all(captions), "every image needs at least one caption"
         self.images, self.captions, self.name, self.skipped = images, captions, name, skipped
+        # reworded prompts of each image that are never training captions (may be empty)
+        self.heldout = heldout if heldout is not None else [[] for _ in captions]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -133,10 +144,24 @@ def with_article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
+def templated(names, templates, keywords=()) -> list[str]:
+    """Every name through every template; templates with {k} once per keyword not already in the name."""
+    out = []
+    for n in names:
+        for t in templates:
+            ks = [k for k in keywords if k not in n] if "{k}" in t else [None]
+            out += [t.format(n=n, a=with_article(n), k=k) for k in ks]
+    return list(dict.fromkeys(out))
+
+
+def heldout_captions(names, training: set[str], keywords=()) -> list[str]:
+    """The held-out rewordings of the first name: never among `training` (any image's training captions)."""
+    return [c for c in templated(names[:1], HELDOUT_TEMPLATES, keywords) if c not in training]
+
+
 def imagenet_captions(synonyms: str) -> list[str]:
     """'goldfish, Carassius auratus' -> every synonym through every template."""
-    names = dict.fromkeys(s.strip() for s in synonyms.split(", ") if s.strip())
-    return [t.format(with_article(n)) for n in names for t in IMAGENET_TEMPLATES]
+    return templated(list(dict.fromkeys(s.strip() for s in synonyms.split(", ") if s.strip())), PHOTO_TEMPLATES)
 
 
 def tiny_imagenet(root, split: str = "train", image_size: int = 64, grayscale: bool = False) -> CaptionedImages:
@@ -157,8 +182,11 @@ def tiny_imagenet(root, split: str = "train", image_size: int = 64, grayscale: b
         files = [(root / "val" / "images" / name, w) for name, w, *_ in rows]
     else:
         raise ValueError(f"Tiny ImageNet split must be 'train' or 'val', not {split!r} (its test images have no labels)")
+    training = {c for cs in captions.values() for c in cs}
+    heldout = {w: heldout_captions([s.strip() for s in words[w].split(", ")], training) for w in wnids}
     images, kept, skipped = decode_images([p for p, _ in files], image_size, grayscale, f"tiny-imagenet {split}")
-    return CaptionedImages(images, [captions[files[i][1]] for i in kept], "tiny-imagenet", skipped)
+    return CaptionedImages(images, [captions[files[i][1]] for i in kept], "tiny-imagenet", skipped,
+                           [heldout[files[i][1]] for i in kept])
 
 
 # --- a folder of class sub-folders ---------------------------------------------------------------
@@ -212,18 +240,55 @@ def image_folder(root, image_size: int = 32, grayscale: bool = False) -> Caption
     def captions_of(path: Path) -> list[str]:
         texts = own.get(path.relative_to(root).as_posix(), []) + sidecar_captions(path.with_suffix(".txt"))
         texts = list(dict.fromkeys(t.strip() for t in texts if t.strip()))
-        return texts or [path.parent.name.replace("_", " ").replace("-", " ")]
+        return texts or templated([class_name(path)], PHOTO_TEMPLATES)
 
     images, kept, skipped = decode_images(files, image_size, grayscale, root.name)
-    return CaptionedImages(images, [captions_of(files[i]) for i in kept], root.resolve().name, skipped)
+    captions = [captions_of(files[i]) for i in kept]
+    training = {c for cs in captions for c in cs}
+    heldout = [heldout_captions([class_name(files[i])], training) for i in kept]
+    return CaptionedImages(images, captions, root.resolve().name, skipped, heldout)
+
+
+def class_name(path: Path) -> str:
+    return path.parent.name.replace("_", " ").replace("-", " ")
 
 
 # --- the emoji set -------------------------------------------------------------------------------
 
-def emoji_captions(e: str) -> list[str]:
-    """CLDR name plus aliases: ':red_apple:', [':apple:'] -> ['red apple', 'apple']."""
+def cldr_annotations(paths=CLDR_ANNOTATIONS) -> dict[str, tuple[list[str], list[str]]]:
+    """Emoji (without variation selectors) -> (text-to-speech names, keywords) from CLDR's English annotations.
+
+    Empty, with a warning, when the files are missing: captions then come from the `emoji` package alone."""
+    found: dict[str, tuple[list[str], list[str]]] = {}
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        warnings.warn(f"CLDR annotations not found at {missing[0]} (apt-get install unicode-cldr-core): emoji "
+                      "captions are their names and aliases only", stacklevel=2)
+    for path in paths:
+        if Path(path).is_file():
+            for node in ElementTree.parse(path).getroot().iter("annotation"):
+                names, keywords = found.setdefault(node.get("cp").replace("\ufe0f", ""), ([], []))
+                words = [w.strip() for w in (node.text or "").split("|") if w.strip()]
+                (names if node.get("type") == "tts" else keywords).extend(words)
+    return found
+
+
+def emoji_names(e: str, cldr: dict) -> list[str]:
+    """CLDR name, aliases and text-to-speech name: ':red_apple:', [':apple:'] -> ['red apple', 'apple']."""
     data = emoji.EMOJI_DATA[e]
-    return list(dict.fromkeys(name.strip(":").replace("_", " ") for name in [data["en"], *data.get("alias", [])]))
+    names = [name.strip(":").replace("_", " ") for name in [data["en"], *data.get("alias", [])]]
+    return list(dict.fromkeys(names + cldr.get(e.replace("\ufe0f", ""), ([], []))[0]))
+
+
+def emoji_captions(chars: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Training captions (the CLDR name first) and held-out rewordings of each emoji."""
+    cldr = cldr_annotations()
+    names = [emoji_names(e, cldr) for e in chars]
+    keywords = [cldr.get(e.replace("\ufe0f", ""), ([], []))[1] for e in chars]
+    captions = [templated(n, EMOJI_TEMPLATES[:-1]) + templated(n[:1], EMOJI_TEMPLATES[-1:], k)
+                for n, k in zip(names, keywords)]
+    training = {c for cs in captions for c in cs}
+    return captions, [heldout_captions(n, training, k) for n, k in zip(names, keywords)]
 
 
 def render_emoji(e: str, font: ImageFont.FreeTypeFont, size: int, glyph_width: float) -> Image.Image | None:
@@ -258,8 +323,7 @@ def build_emoji(size: int = 32, cache_dir="data", font_path=NOTO_EMOJI_FONT) -> 
         if img is not None:
             rendered[e] = img
     images = torch.stack([TF.pil_to_tensor(img) for img in rendered.values()])
-    metadata = {"captions": json.dumps([emoji_captions(e) for e in rendered], ensure_ascii=False),
-                "emoji": json.dumps(list(rendered), ensure_ascii=False)}  # which glyph each image is
+    metadata = {"emoji": json.dumps(list(rendered), ensure_ascii=False)}  # which glyph each image is
     path = Path(cache_dir) / f"emoji_{size}.safetensors"
     save_atomically({"images": images}, path, metadata)
     return path
@@ -271,7 +335,9 @@ def emoji_dataset(size: int = 32, cache_dir="data") -> CaptionedImages:
     if not path.exists():
         build_emoji(size, cache_dir)
     with safe_open(path, "pt") as f:
-        return CaptionedImages(f.get_tensor("images"), json.loads(f.metadata()["captions"]), "emoji")
+        images, chars = f.get_tensor("images"), json.loads(f.metadata()["emoji"])
+    captions, heldout = emoji_captions(chars)
+    return CaptionedImages(images, captions, "emoji", heldout=heldout)
 
 
 # --- choosing a source ---------------------------------------------------------------------------

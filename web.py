@@ -17,17 +17,17 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
 
 import gradio as gr
 import torch
 
-from models.pipeline import DEFAULT_MODEL, Pipeline
 from models.text_encoder import MAX_TOKENS
+from pipeline import DEFAULT_MODEL, Pipeline
 from plot_func import DenoisingRecorder, save_png, to_pil, to_uint8, upscale
 
 SAMPLER_CHOICES = [("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"), ("DDPM (always all steps)", "ddpm")]

@@ -16,13 +16,26 @@ import tempfile
 from pathlib import Path
 
 import torch
+from common import (
+    MATCHED,
+    SHIPPED,
+    TINY,
+    DiffusersDenoiser,
+    add_output_args,
+    interleaved,
+    median,
+    n_params,
+    our_unet,
+    ratio_of_medians,
+    section,
+    table,
+    write_section,
+)
 from PIL import Image
 
-from common import (MATCHED, SHIPPED, TINY, DiffusersDenoiser, add_output_args, interleaved, median, n_params,
-                    our_unet, ratio_of_medians, section, table, write_section)
 from diffusion import GaussianDiffusion, dpmpp_2m_sample
-from models.pipeline import Pipeline
 from models.text_encoder import TextCondition, TextEncoder
+from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}

@@ -1,4 +1,4 @@
-"""Peak memory (resident set size) of generation and training, each a fresh `python diffusion.py ...` process.
+"""Peak memory (resident set size) of generation and training, each a fresh `python sample.py` or `python train.py` process.
 
     python bench/memory.py             # shipped model settings: sample --n 8 / 16, train --batch-size 64
 
@@ -15,10 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from common import ROOT, SHIPPED, TINY, add_output_args, our_unet, section, table, write_section
-from models.checkpoint import save_weights
+
+from checkpoints import save_weights
 
 ARCHS = {"shipped": SHIPPED, "tiny": TINY}
 
@@ -66,15 +65,15 @@ def main(argv=None) -> str:
     save_weights(model.state_dict(), {"config": {"unet": model.cfg.to_dict(), "schedule": "cosine", "timesteps": 1000},
                                       "info": {"dataset": "random weights"}}, checkpoint)
     runs = [("floor: import, load the text encoder",
-             [py, "-c", "from models.pipeline import Pipeline; from models.text_encoder import TextEncoder; TextEncoder()"])]
+             [py, "-c", "from pipeline import Pipeline; from models.text_encoder import TextEncoder; TextEncoder()"])]
     runs = runs if args.floor else []
     for n in args.n:
         runs.append((f"`sample --n {n} --steps {args.steps}` (DPM-Solver++, guidance 3)",
-                     [py, "diffusion.py", "sample", "--checkpoint", str(checkpoint), "--prompt", "a red apple",
+                     [py, "sample.py", "--checkpoint", str(checkpoint), "--prompt", "a red apple",
                       "--n", str(n), "--steps", str(args.steps), "--out-dir", str(tmp / f"samples{n}")]))
     for prec in args.train_precisions:
         runs.append((f"`train --batch-size {args.batch} --precision {prec}`",
-                     [py, "diffusion.py", "train", "--data", args.data, "--cache-dir", args.cache_dir,
+                     [py, "train.py", "--data", args.data, "--cache-dir", args.cache_dir,
                       *arch_flags(arch, args.size), "--batch-size", str(args.batch), "--precision", prec,
                       "--max-steps", str(args.train_steps), "--sample-every", "0", "--out-dir", str(tmp / f"run_{prec}")]))
     rows = []

@@ -1,4 +1,4 @@
-"""Training throughput: the step of `python diffusion.py train` vs a plain diffusers training step.
+"""Training throughput: the step of `python train.py` vs a plain diffusers training step.
 
 Ours is the real thing: a `Trainer` built from the same TrainConfig the CLI builds, timed over
 `Trainer.train_step` on batches from its own DataLoader (data loading, prompt dropout, autocast,
@@ -18,10 +18,26 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from common import (
+    MATCHED,
+    SHIPPED,
+    TINY,
+    DiffusersDenoiser,
+    add_output_args,
+    autocast,
+    count_flops,
+    interleaved,
+    matmul_peak,
+    median,
+    n_params,
+    ratio_of_medians,
+    section,
+    table,
+    write_section,
+)
 
-from common import (MATCHED, SHIPPED, TINY, DiffusersDenoiser, add_output_args, autocast, count_flops,
-                    interleaved, matmul_peak, median, n_params, ratio_of_medians, section, table, write_section)
-from models.trainer import TrainConfig, Trainer, autocast_dtype
+from train_config import TrainConfig, autocast_dtype
+from trainer import Trainer
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 
@@ -77,7 +93,7 @@ class DiffusersStep:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="shipped")
-    p.add_argument("--data", default="emoji", help="training data, as for `diffusion.py train --data`")
+    p.add_argument("--data", default="emoji", help="training data, as for `train.py --data`")
     p.add_argument("--cache-dir", default="data")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)

@@ -10,9 +10,24 @@ run interleaved, A B C D A B C D, and each cell is the median over the rounds.
 import argparse
 
 import torch
-
-from common import (MATCHED, add_output_args, SHIPPED, TINY, DiffusersDenoiser, autocast, count_flops, interleaved, median,
-                    n_params, our_unet, random_condition, ratio_of_medians, section, table, write_section)
+from common import (
+    MATCHED,
+    SHIPPED,
+    TINY,
+    DiffusersDenoiser,
+    add_output_args,
+    autocast,
+    count_flops,
+    interleaved,
+    median,
+    n_params,
+    our_unet,
+    random_condition,
+    ratio_of_medians,
+    section,
+    table,
+    write_section,
+)
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 

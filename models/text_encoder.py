@@ -6,7 +6,8 @@ that into its learned null condition, which classifier-free guidance uses.
 """
 import os
 from collections import OrderedDict
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 

@@ -1,5 +1,5 @@
 """ConditionalUNet: predicts the noise in x_t given the timestep and a text condition."""
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The shipped default model: loads by default, is small, safe to load, and draws what it is asked for."""
 
-from models.evaluation import adherence, nearest_training_images
-from models.pipeline import DEFAULT_MODEL, Pipeline
+from evaluation import adherence, nearest_training_images
+from pipeline import DEFAULT_MODEL, Pipeline
 from preprocess import emoji_dataset
 
 

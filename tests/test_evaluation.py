@@ -1,12 +1,11 @@
-"""The evaluation metrics against closed forms and known orderings; `diffusion.py evaluate` end to end."""
+"""The evaluation metrics against closed forms and known orderings; `evaluate.py` end to end."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion import main, parse_settings
-from models.evaluation import (RandomConvFeatures, adherence, evaluate, features, frechet_distance,
-                               nearest_training_images)
+from evaluate import main, parse_settings
+from evaluation import RandomConvFeatures, adherence, evaluate, features, frechet_distance, nearest_training_images
 from preprocess import emoji_dataset
 from tests.webserver import tiny_model
 
@@ -34,9 +33,13 @@ def test_nearest_images_and_adherence_on_known_retrievals():
 
 
 @pytest.fixture(scope="module")
-def emoji(emoji_dir):
-    data = emoji_dataset(32, emoji_dir)
-    return data.images.float() / 127.5 - 1, data.captions
+def emoji_data(emoji_dir):
+    return emoji_dataset(32, emoji_dir)
+
+
+@pytest.fixture(scope="module")
+def emoji(emoji_data):
+    return emoji_data.images.float() / 127.5 - 1, emoji_data.captions
 
 
 def test_random_conv_distance_ranks_real_below_blurred_below_noise(emoji):
@@ -53,10 +56,11 @@ def test_random_conv_distance_ranks_real_below_blurred_below_noise(emoji):
 
 
 class OraclePipe:
-    """Draws the training image of the prompt (or of the next caption, when `shift`): a perfect or a useless model."""
+    """Draws the training image of the prompt (or of the next image, when `shift`): a perfect or a useless model."""
 
-    def __init__(self, images, captions, shift=0):
-        self.index = {c[0]: i for i, c in enumerate(captions)}
+    def __init__(self, data, shift=0):
+        images = data.images.float() / 127.5 - 1
+        self.index = {c: i % len(images) for i, cs in enumerate(data.captions + data.heldout) for c in cs}
         self.images, self.shift, self.calls = images, shift, []
 
     def generate(self, prompts, sampler, steps, guidance, seed):
@@ -64,17 +68,17 @@ class OraclePipe:
         return self.images[[(self.index[p] + self.shift) % len(self.images) for p in prompts]]
 
 
-def test_evaluate_scores_a_perfect_model_one_and_a_shifted_one_near_zero(emoji):
-    images, captions = emoji
-    uint8 = ((images + 1) * 127.5).round().to(torch.uint8)
-    perfect = OraclePipe(images, captions)
-    rows = evaluate(perfect, uint8, captions, [("dpmpp", 7)], num_prompts=60, batch=25)
+def test_evaluate_scores_a_perfect_model_one_and_a_shifted_one_near_zero(emoji_data):
+    perfect = OraclePipe(emoji_data)
+    rows = evaluate(perfect, emoji_data, [("dpmpp", 7)], num_prompts=60, batch=25)
     real, model = rows
     assert (real.sampler, model.sampler, model.steps) == ("real", "dpmpp", 7)
-    assert real.top1 > 0.95 and model.top1 > 0.95 and model.top5 > 0.95
-    assert [c[0] for c in perfect.calls] == [25, 25, 10] and [c[3] for c in perfect.calls] == [0, 25, 50]
-    shifted = evaluate(OraclePipe(images, captions, shift=1), uint8, captions, [("dpmpp", 7)], num_prompts=60)
-    assert shifted[1].top1 < 0.1
+    assert real.top1 > 0.95 and model.top1 > 0.95 and model.top5 > 0.95 and model.top1_16px > 0.9
+    assert model.heldout_top1 > 0.95 and model.heldout_top1_16px > 0.9
+    assert [c[0] for c in perfect.calls[:3]] == [25, 25, 10] and [c[3] for c in perfect.calls[:3]] == [0, 25, 50]
+    assert sum(c[0] for c in perfect.calls[3:]) > 50, "held-out rewordings of most picked images"
+    shifted = evaluate(OraclePipe(emoji_data, shift=1), emoji_data, [("dpmpp", 7)], num_prompts=60)
+    assert shifted[1].top1 < 0.1 and shifted[1].heldout_top1 < 0.1 and shifted[1].top1_16px < 0.1
     # the same images drawn for other prompts have the same statistics: only retrieval tells them apart
     assert shifted[1].fd == pytest.approx(model.fd, rel=0.5)
 
@@ -91,13 +95,13 @@ def test_evaluate_command_writes_its_table_with_the_command(tmp_path, capsys):
     folder = make_folder(tmp_path / "shapes")
     ckpt = tiny_model(tmp_path / "tiny.safetensors")
     out = tmp_path / "eval.md"
-    argv = ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--num-prompts", "4",
+    argv = ["--checkpoint", str(ckpt), "--data", str(folder), "--num-prompts", "4",
             "--settings", "dpmpp:2", "ddim:3", "--out", str(out), "--device", "cpu"]
     main(argv)
     text = out.read_text()
-    assert text.startswith("`python diffusion.py evaluate --checkpoint") and "4 prompts of shapes" in text
+    assert text.startswith("`python evaluate.py --checkpoint") and "4 prompts of shapes" in text
     lines = [line for line in text.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1:3] for line in lines[1:]] == [[" real ", " - "], [" dpmpp ", " 2 "], [" ddim ", " 3 "]]
     assert "FD (random conv)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--num-prompts must be from 1 to 6"):
-        main(argv[:5] + ["--num-prompts", "7"])
+        main(argv[:4] + ["--num-prompts", "7"])

@@ -7,8 +7,15 @@ from safetensors import safe_open
 
 import models.text_encoder
 import preprocess
-from preprocess import (CaptionedImages, build_emoji, embed_captions, emoji_dataset, image_folder, load_dataset,
-                        tiny_imagenet)
+from preprocess import (
+    CaptionedImages,
+    build_emoji,
+    embed_captions,
+    emoji_dataset,
+    image_folder,
+    load_dataset,
+    tiny_imagenet,
+)
 
 WNIDS = {"n01443537": "goldfish, Carassius auratus", "n02123045": "tabby, tabby cat", "n07747607": "orange"}
 COLOURS = {"n01443537": (230, 120, 20), "n02123045": (120, 120, 120), "n07747607": (250, 160, 0)}
@@ -55,9 +62,12 @@ def test_tiny_imagenet_splits_shapes_and_range(tiny_root):
 def test_tiny_imagenet_captions_come_from_words_txt(tiny_root):
     val = tiny_imagenet(tiny_root, "val")
     goldfish, orange = val.captions[0], val.captions[1]
-    assert set(goldfish) == {f"{t}{name}" for name in ("a goldfish", "a Carassius auratus")
-                             for t in ("a photo of ", "", "a picture of ", "a close-up photo of ")}
+    assert goldfish[0] == "goldfish" and set(goldfish) == {
+        f"{t}{name}" for name in ("goldfish", "Carassius auratus") for t in ("", "a ")} | {
+        f"a {t}photo of a {name}" for name in ("goldfish", "Carassius auratus") for t in ("", "close-up ")}
     assert "an orange" in orange and "a photo of an orange" in orange
+    assert val.heldout[0] == ["a drawing of a goldfish", "goldfish symbol"], "held-out rewordings of the first name"
+    assert not set(val.heldout[0]) & set(goldfish)
     captions = set(tiny_imagenet(tiny_root).all_captions())
     assert "a tabby cat" in captions and not any("entity" in c or "Egyptian" in c for c in captions)
 
@@ -87,9 +97,11 @@ def test_image_folder_captions_class_names_jsonl_and_sidecars(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "red_apple/b.PNG", "caption": "a shiny apple"}) + "\n"
                                              + json.dumps({"file": "sea-lion/c.jpg", "captions": ["one", "two"]}) + "\n")
     data = image_folder(tmp_path)
-    assert data.captions == [["red apple"], ["a shiny apple"], ["one", "two"], ["a sea lion on a rock", "a wet sea lion"]]
+    apple = ["red apple", "a red apple", "a photo of a red apple", "a close-up photo of a red apple"]
+    assert data.captions == [apple, ["a shiny apple"], ["one", "two"], ["a sea lion on a rock", "a wet sea lion"]]
     assert data.name == tmp_path.name and data.images.shape == (4, 3, 32, 32)
-    assert data.all_captions() == sorted({"red apple", "a shiny apple", "one", "two", "a sea lion on a rock", "a wet sea lion"})
+    assert data.all_captions() == sorted({*apple, "a shiny apple", "one", "two", "a sea lion on a rock", "a wet sea lion"})
+    assert data.heldout[0] == ["a drawing of a red apple", "red apple symbol"]
 
 
 def test_image_folder_grayscale_28px(tmp_path):
@@ -99,7 +111,7 @@ def test_image_folder_grayscale_28px(tmp_path):
     data = load_dataset(tmp_path, image_size=28, grayscale=True)
     assert data.images.shape == (6, 1, 28, 28) and data.channels == 1 and data.image_size == 28
     image, caption = data[2]
-    assert image.shape == (1, 28, 28) and caption == "1"
+    assert image.shape == (1, 28, 28) and caption.endswith("1")
     assert data.images[2].unique().tolist() == [40]  # no resampling at the native size
 
 
@@ -131,7 +143,7 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # Pillow refuses images over twice this
     with pytest.warns(UserWarning, match="skipped 5 of 9 files"):
         data = image_folder(tmp_path)
-    assert data.skipped == 5 and len(data) == 4 and data.captions == [["cat"]] * 3 + [["dog"]]
+    assert data.skipped == 5 and len(data) == 4 and [c[0] for c in data.captions] == ["cat"] * 3 + ["dog"]
     assert data.images[-1, 2].float().mean() > 250
 
 
@@ -187,6 +199,18 @@ def test_emoji_set_renders_named_glyphs_on_white(emoji_dir):
     assert (data.images[:, :, [0, 0, -1, -1], [0, -1, 0, -1]] == 255).all(), "corners are white background"
     assert "tropical fish" in data.all_captions()
     assert not any("skin tone" in c for c in data.all_captions())
+
+
+def test_emoji_captions_cover_cldr_names_keywords_and_templates_and_hold_out_rewordings(emoji_dir):
+    data = emoji_dataset(32, emoji_dir)
+    apple = data.captions[[c[0] for c in data.captions].index("red apple")]
+    assert {"red apple", "a red apple", "an emoji of a red apple", "red apple icon", "a red apple, fruit"} <= set(apple)
+    assert not {"fruit", "red", "a red apple, red"} & set(apple), "bare keywords, and keywords of the name, are not captions"
+    dog = data.heldout[[c[0] for c in data.captions].index("dog")]
+    assert {"a drawing of a dog", "a pet dog"} <= set(dog)
+    training = set(data.all_captions())
+    assert not training & {c for h in data.heldout for c in h}, "held-out rewordings are never training captions"
+    assert sum(bool(h) for h in data.heldout) > 0.95 * len(data) and len(training) > 5 * len(data)
 
 
 def test_emoji_cache_lists_its_glyphs_sorted_and_is_reused(emoji_dir, monkeypatch):

@@ -1,7 +1,7 @@
-"""`python plot_func.py` redraws the showcase from a model file alone (plus its data set)."""
+"""`python showcase.py` redraws the showcase from a model file alone (plus its data set)."""
 from PIL import Image
 
-from plot_func import main, slug
+from showcase import main, slug
 from tests.test_training import make_folder
 from tests.webserver import tiny_model
 

@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from models.text_encoder import EMBED_DIM, TextEncoder
+from models.text_encoder import EMBED_DIM
 
 
 def test_loads_offline_and_gives_384_d_embeddings(text_encoder):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import diffusion
-from models.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from models.trainer import TrainConfig, Trainer, compact_history
+import sample
+from checkpoints import compact_history, load_checkpoint, load_weights, save_checkpoint
+from train_config import TrainConfig
+from trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = dict(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -114,7 +115,7 @@ def test_resume_with_a_different_model_is_refused(folder, cache_dir, tmp_path):
 
 WRITER = """
 import sys, torch
-from models.checkpoint import save_checkpoint
+from checkpoints import save_checkpoint
 path = sys.argv[1]
 i = 0
 while True:
@@ -127,7 +128,7 @@ while True:
 def test_kill_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(tmp_path):
     path = tmp_path / "checkpoint_00000001.pt"
     rng = random.Random(0)
-    for attempt in range(5):
+    for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # at least one complete write
         time.sleep(rng.uniform(0.0, 0.5))  # then kill at a random moment, usually mid-write
@@ -161,7 +162,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
 
 def test_torchrun_two_cpu_processes_agree_on_weights(folder, cache_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-           "diffusion.py", "train", "--data", str(folder), "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
+           "train.py", "--data", str(folder), "--cache-dir", str(cache_dir), "--out-dir", str(tmp_path),
            "--epochs", "2", "--image-size", "16", "--base-channels", "16", "--channel-mult", "1", "2",
            "--num-res-blocks", "1", "--attention-resolutions", "8", "--num-heads", "2", "--batch-size", "2",
            "--precision", "fp32", "--device", "cpu", "--sample-every", "0"]
@@ -177,7 +178,7 @@ def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("red square\nblue circle\n\nred square\n")
     for out in ("a", "b"):
-        diffusion.main(["sample", "--checkpoint", str(trained_run), "--prompts-file", str(prompts), "--steps", "5",
+        sample.main(["--checkpoint", str(trained_run), "--prompts-file", str(prompts), "--steps", "5",
                         "--seed", "7", "--out-dir", str(tmp_path / out), "--gif", "--device", "cpu"])
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == ["0000.png", "0001.png", "0002.png", "grid.png", "process.gif"]
@@ -189,15 +190,15 @@ def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_pa
     assert meta["steps"] == "5" and meta["guidance"] == "3.0" and meta["checkpoint"].endswith("best.pt")
     with Image.open(tmp_path / "a" / "process.gif") as gif:
         assert gif.n_frames == 6
-    diffusion.main(["sample", "--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
+    sample.main(["--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
                     "--n", "2", "--steps", "5", "--seed", "8", "--out-dir", str(tmp_path / "c"), "--device", "cpu"])
     c0, c1 = (Image.open(tmp_path / "c" / f"000{i}.png").tobytes() for i in (0, 1))
     assert c0 != c1, "different images in one batch"
-    diffusion.main(["sample", "--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
+    sample.main(["--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",
                     "--n", "2", "--steps", "5", "--seed", "9", "--out-dir", str(tmp_path / "d"), "--device", "cpu"])
     assert Image.open(tmp_path / "d" / "0000.png").tobytes() != c0, "a different seed gives different images"
 
 
 def test_sample_without_a_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        diffusion.main(["sample", "--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])
+        sample.main(["--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import load_checkpoint, save_checkpoint, step_checkpoints
 from diffusion import GaussianDiffusion
-from models.checkpoint import load_checkpoint, save_checkpoint, step_checkpoints
-from models.trainer import Interrupted, Trainer, TrainingStopped
 from tests.test_training import ROOT, TINY_MODEL, assert_same_training_state, config, make_folder
+from trainer import Interrupted, Trainer, TrainingStopped
 
 # one thread: the same floating-point results in every process, and no spinning threads on a shared CPU
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -154,7 +154,7 @@ def test_incomplete_checkpoint_and_mismatched_settings_are_clear_errors(folder, 
 def train_cli(folder, cache_dir, out_dir, *extra: str) -> list[str]:
     sizes = {"image_size": "--image-size", "base_channels": "--base-channels", "num_res_blocks": "--num-res-blocks",
              "num_heads": "--num-heads", "warmup_steps": "--warmup-steps", "precision": "--precision", "device": "--device"}
-    args = [sys.executable, "diffusion.py", "train", "--data", str(folder), "--cache-dir", str(cache_dir),
+    args = [sys.executable, "train.py", "--data", str(folder), "--cache-dir", str(cache_dir),
             "--out-dir", str(out_dir), "--channel-mult", "1", "2", "--attention-resolutions", "8", "--sample-every", "0"]
     for key, flag in sizes.items():
         args += [flag, str(TINY_MODEL[key])]

@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint, load_weights
-from models.pipeline import load_model
-from models.trainer import Trainer
+from checkpoints import load_checkpoint, load_weights
+from pipeline import load_model
 from preprocess import MAX_DECODE_PIXELS, image_folder, load_image
-from tests.test_training import TINY_MODEL, config, make_folder
+from tests.test_training import config, make_folder
 from tests.webserver import tiny_model
-
+from trainer import Trainer
 
 ROOT_USER = os.geteuid() == 0  # root reads files without read permission: then that one is a good image
 
@@ -133,7 +132,7 @@ def test_folder_of_junk_files_loads_the_good_ones_and_counts_the_rest(tmp_path):
         data = pool.submit(image_folder, tmp_path, 16).result(timeout=120)  # bounded: a hang fails the test
     good = 4 + ROOT_USER
     assert data.skipped == skipped and len(data) == good
-    assert data.captions == [["cat"]] * (good - 2) + [["dog"]] * 2
+    assert [c[0] for c in data.captions] == ["cat"] * (good - 2) + ["dog"] * 2
     messages = [str(w.message) for w in caught]
     assert any(f"skipped {skipped} of {skipped + good} files" in m for m in messages), messages
     assert any("ignored caption file" in m and "good0.txt" in m for m in messages), messages

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import save_weights
+from checkpoints import save_weights
 from models.unet import ConditionalUNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def start_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120,
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"web.py not up after {timeout_s}s: {Path(log.name).read_text()[-2000:]}")
+                    raise TimeoutError(f"web.py not up after {timeout_s}s: {Path(log.name).read_text()[-2000:]}") from None
                 time.sleep(0.5)
         yield Server(url, proc, Path(log.name))
     finally:

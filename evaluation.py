@@ -2,7 +2,10 @@
 
 Adherence: for each evaluated caption, generate one image and find its nearest training images in
 pixel space (L2 on the [-1, 1] images). Top-k counts a hit when one of the k nearest carries the
-prompt among its captions: the model drew *that* image, not just something plausible.
+prompt among its captions: the model drew *that* image, not just something plausible. The same
+retrieval at 16x16 (2x2 average pooling) forgives one-pixel shifts and fine texture. Two prompt sets:
+training captions, and held-out rewordings (`CaptionedImages.heldout`: templates and keyword
+combinations never used as training captions), which measure generalisation.
 
 Fréchet distance (FID's formula) between generated and real images in one of two feature spaces:
 - `RandomConvFeatures` (default, offline): a fixed, seeded, untrained conv net. Random conv features
@@ -21,13 +24,15 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from models.pipeline import Pipeline
+from pipeline import Pipeline
+from preprocess import CaptionedImages
 
 
 @torch.no_grad()
-def nearest_training_images(generated: torch.Tensor, train: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """(G, k) indices of the k training images nearest to each generated image (pixel L2)."""
-    g, t = generated.flatten(1).float(), train.flatten(1).float()
+def nearest_training_images(generated: torch.Tensor, train: torch.Tensor, k: int = 5, pool: int = 1) -> torch.Tensor:
+    """(G, k) indices of the k training images nearest to each generated image (pixel L2, after
+    `pool` x `pool` average pooling)."""
+    g, t = (F.avg_pool2d(x.float(), pool).flatten(1) for x in (generated, train))
     return torch.cdist(g, t).topk(k, largest=False).indices
 
 
@@ -110,42 +115,68 @@ class EvalRow:
     steps: int
     top1: float
     top5: float
+    top1_16px: float
+    heldout_top1: float
+    heldout_top1_16px: float
     fd: float
     seconds_per_image: float
 
 
-def evaluate(pipe: Pipeline, images: torch.Tensor, captions: list[list[str]], settings: list[tuple[str, int]],
-             num_prompts: int = 200, guidance: float = 3.0, seed: int = 0, batch: int = 100,
+def heldout_prompts(data: CaptionedImages, pick: list[int], seed: int) -> list[tuple[int, str]]:
+    """One held-out rewording (seeded choice) for each picked image that has any."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return [(i, data.heldout[i][torch.randint(len(data.heldout[i]), (), generator=g).item()])
+            for i in pick if data.heldout[i]]
+
+
+def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, int]], num_prompts: int = 200,
+             guidance: float = 3.0, seed: int = 0, batch: int = 100,
              extractor: torch.nn.Module | None = None) -> list[EvalRow]:
-    """Adherence and Fréchet distance for each (sampler, steps), on one fixed random subset of captions.
+    """Adherence and Fréchet distance for each (sampler, steps), on one fixed random subset of images:
+    their first training caption, and one held-out rewording each (held-out columns are NaN without any).
 
     The first row, sampler "real", scores as many *other* training images as there are prompts: the
     floor of the Fréchet distance at this sample size (small sets inflate it) and the retrieval ceiling.
     """
-    real = images.float() / 127.5 - 1
+    real = data.images.float() / 127.5 - 1
     order = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed)).tolist()
     pick, others = order[:num_prompts], order[num_prompts:2 * num_prompts]
-    prompts = [captions[i][0] for i in pick]
+    prompts = [data.captions[i][0] for i in pick]
+    heldout = heldout_prompts(data, pick, seed)
     extractor = extractor or RandomConvFeatures(real.shape[1])
     real_features = features(extractor, real)
 
-    def score(sampler, steps, generated, asked, seconds):
-        hits = adherence(nearest_training_images(generated, real), asked, captions)
-        fd = frechet_distance(features(extractor, generated), real_features)
-        return EvalRow(sampler, steps, hits["top1"], hits["top5"], fd, seconds)
+    def rates(generated, asked, captions):
+        if not asked:
+            return float("nan"), float("nan"), float("nan")
+        full = adherence(nearest_training_images(generated, real), asked, captions)
+        low = adherence(nearest_training_images(generated, real, pool=2), asked, captions)
+        return full["top1"], full["top5"], low["top1"]
 
-    rows = [score("real", 0, real[others], [captions[i][0] for i in others], 0.0)]
+    def generate(asked, sampler, steps):
+        return torch.cat([pipe.generate(asked[i:i + batch], sampler, steps, guidance, seed + i)
+                          for i in range(0, len(asked), batch)] or [real[:0]]).float().cpu()
+
+    own = rates(real[others], [data.captions[i][0] for i in others], data.captions)
+    rows = [EvalRow("real", 0, *own, *rates(real[[i for i, _ in heldout]], [p for _, p in heldout], data.heldout)[::2],
+                    frechet_distance(features(extractor, real[others]), real_features), 0.0)]
     for sampler, steps in settings:
         start = time.perf_counter()
-        generated = torch.cat([pipe.generate(prompts[i:i + batch], sampler, steps, guidance, seed + i)
-                               for i in range(0, len(prompts), batch)]).float().cpu()
-        rows.append(score(sampler, steps, generated, prompts, (time.perf_counter() - start) / len(prompts)))
+        generated = generate(prompts, sampler, steps)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        reworded = generate([p for _, p in heldout], sampler, steps)
+        top1, top5, top1_16 = rates(generated, prompts, data.captions)
+        held = rates(reworded, [p for _, p in heldout], data.heldout)
+        fd = frechet_distance(features(extractor, generated), real_features)
+        rows.append(EvalRow(sampler, steps, top1, top5, top1_16, held[0], held[2], fd, seconds))
     return rows
 
 
 def markdown_table(rows: list[EvalRow], fd_name: str) -> str:
-    lines = [f"| sampler | steps | top-1 | top-5 | {fd_name} | s/image |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"| sampler | steps | top-1 | top-5 | top-1 16px | held-out top-1 | held-out top-1 16px | {fd_name} "
+             "| s/image |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         steps, seconds = (r.steps, f"{r.seconds_per_image:.3f}") if r.sampler != "real" else ("-", "-")
-        lines.append(f"| {r.sampler} | {steps} | {r.top1:.3f} | {r.top5:.3f} | {r.fd:.2f} | {seconds} |")
+        lines.append(f"| {r.sampler} | {steps} | {r.top1:.3f} | {r.top5:.3f} | {r.top1_16px:.3f} | "
+                     f"{r.heldout_top1:.3f} | {r.heldout_top1_16px:.3f} | {r.fd:.2f} | {seconds} |")
     return "\n".join(lines)

@@ -1,11 +1,10 @@
 """The training loop: one obvious loop, resumable exactly, the same code on one CPU or many GPUs (torchrun)."""
-import math
 import os
 import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -15,75 +14,25 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from checkpoints import (
+    CheckpointWriteError,
+    compact_history,
+    prune_checkpoints,
+    read_model_file,
+    read_training_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+    save_weights,
+    step_checkpoints,
+)
 from diffusion import GaussianDiffusion
-from models.checkpoint import (CheckpointWriteError, load_checkpoint, prune_checkpoints, remove_stale_temp_files,
-                               save_checkpoint, save_weights, step_checkpoints)
-from models.pipeline import generate_images, pick_device
-from models.text_encoder import collate
+from models.text_encoder import TextEncoder, collate
 from models.unet import ConditionalUNet, UNetConfig
+from pipeline import generate_images, pick_device
+from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
+from preprocess import embed_captions, load_dataset
+from train_config import MUST_MATCH_ON_RESUME, TrainConfig, autocast_dtype, lr_lambda
 
-
-def option(default, help: str):
-    """A config field with its --help text beside it (tuples become immutable defaults)."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Every flag of `python diffusion.py train`; saved into each checkpoint."""
-    data: str = option("emoji", 'training data: "emoji" (built-in, no download), a tiny-imagenet-200 folder, or a folder of class sub-folders')
-    image_size: int = option(32, 'square image size in pixels (images are resized)')
-    grayscale: bool = option(False, 'train on one channel (e.g. 28x28 grayscale datasets)')
-    epochs: int = option(50, 'passes over the training data')
-    batch_size: int = option(64, 'images per optimizer step, per process')
-    lr: float = option(2e-4, 'peak AdamW learning rate')
-    weight_decay: float = option(0.0, 'AdamW weight decay')
-    warmup_steps: int = option(500, 'linear learning-rate warm-up steps')
-    lr_decay: str = option("cosine", '"cosine" (to 10%% of the peak at the end) or "constant" after warm-up')
-    grad_clip: float = option(1.0, 'clip the gradient norm to this value')
-    ema_decay: float = option(0.999, 'decay of the exponential moving average of weights (the EMA weights are the ones sampled)')
-    p_uncond: float = option(0.1, 'probability of dropping the prompt, so classifier-free guidance has an unconditional model')
-    schedule: str = option("cosine", 'noise schedule: "cosine" or "linear"')
-    timesteps: int = option(1000, 'diffusion steps T')
-    hybrid_loss: bool = option(False, 'also learn the variance with L_simple + 0.001 L_vlb (Improved DDPM)')
-    base_channels: int = option(64, 'U-Net width at full resolution')
-    channel_mult: tuple[int, ...] = option((1, 2, 2), 'width multiplier per resolution level, e.g. 1 2 2')
-    num_res_blocks: int = option(2, 'residual blocks per level')
-    attention_resolutions: tuple[int, ...] = option((16, 8), 'feature-map sizes with self- and cross-attention, e.g. 16 8')
-    num_heads: int = option(4, 'attention heads')
-    patch_size: int = option(1, 'pixels per side folded into channels at the input (2: a 32px model computes on 16x16 maps, ~4x cheaper)')
-    dropout: float = option(0.1, 'dropout inside residual blocks')
-    precision: str = option("auto", '"auto" (fp16 with gradient scaling on CUDA, bf16 on CPUs with native bf16, else fp32), "fp32", "bf16" or "fp16"')
-    device: str = option("auto", '"auto" (CUDA, then MPS, then CPU) or a torch device such as "cpu" or "cuda:1"')
-    seed: int = option(0, 'seed of data order, noise and initial weights')
-    out_dir: str = option("", 'run folder for checkpoints, plots and samples (default output_ImageNet/runs/<data>_<size>px)')
-    resume: bool = option(False, 'continue exactly from the newest checkpoint in the run folder')
-    resume_fallback: bool = option(False, 'with --resume: if the newest checkpoint is unreadable, continue from the newest readable one')
-    max_bad_steps: int = option(10, 'stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped, not applied)')
-    save_every_steps: int = option(0, 'also checkpoint every N optimizer steps (0: only at the end of each epoch)')
-    keep_last: int = option(3, 'step checkpoints to keep (best.pt is kept apart)')
-    sample_every: int = option(5, 'epochs between sample grids and denoising GIFs (0: never)')
-    sample_prompts: tuple[str, ...] = option((), 'prompts of the sample grids (default: captions spread over the dataset)')
-    max_steps: int = option(0, 'stop, with a checkpoint, after this many optimizer steps in total (0: no limit)')
-    max_minutes: float = option(0.0, 'stop, with a checkpoint, after this many minutes of this run (0: no limit)')
-    num_workers: int = option(0, 'data-loader worker processes (datasets are held in memory, so 0 is usually fastest)')
-    cache_dir: str = option("data", 'folder for the rendered emoji data set and cached caption embeddings')
-
-    def unet_config(self, channels: int) -> UNetConfig:
-        return UNetConfig(image_size=self.image_size, in_channels=channels, base_channels=self.base_channels,
-                          channel_mult=self.channel_mult, num_res_blocks=self.num_res_blocks,
-                          attention_resolutions=self.attention_resolutions, num_heads=self.num_heads,
-                          dropout=self.dropout, learn_sigma=self.hybrid_loss, patch_size=self.patch_size)
-
-    def run_dir(self) -> Path:
-        name = "emoji" if self.data == "emoji" else Path(self.data).resolve().name
-        return Path(self.out_dir or f"output_ImageNet/runs/{name}_{self.image_size}px")
-
-
-# settings a checkpoint fixes: resuming with other values would silently continue with the checkpoint's
-MUST_MATCH_ON_RESUME = ("batch_size", "lr", "weight_decay", "warmup_steps", "lr_decay", "ema_decay", "seed")
-CHECKPOINT_KEYS = ("config", "model", "ema", "optimizer", "scaler", "lr_scheduler", "epoch", "step",
-                   "batch_in_epoch", "history", "best_val", "rng")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -95,41 +44,8 @@ class TrainingStopped(SystemExit):
     """Training cannot go on (diverged, disk full); the message says why and what was kept."""
 
 
-def autocast_dtype(precision: str, device: torch.device):
-    """None for fp32; bf16 on CPUs with native bf16 (AVX512-BF16/AMX); fp16 on CUDA."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if device.type == "cpu" and native_bf16 else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def compact_history(history: dict, points: int = 400) -> dict:
-    """The loss history with the training loss averaged into at most `points` bins: small enough to travel
-    in the weights file's metadata, so the shipped model's loss curve can be redrawn without its run folder."""
-    steps, loss = history["step"], history["loss"]
-    k = max(1, -(-len(loss) // points))
-    bins = range(0, len(loss), k)
-    return {"step": [steps[min(i + k, len(loss)) - 1] for i in bins],
-            "loss": [sum(loss[i:i + k]) / len(loss[i:i + k]) for i in bins],
-            "val_step": list(history["val_step"]), "val_loss": list(history["val_loss"])}
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_decay == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from preprocess import embed_captions, load_dataset  # data comes first in the flow
         self.cfg = cfg
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.device = pick_device(cfg.device)
@@ -152,8 +68,10 @@ class Trainer:
         self.embeddings = self._rank_zero_first(lambda: embed_captions(captions, cache))
 
         self.unet_cfg = cfg.unet_config(self.data.channels)
-        self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps)
+        self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps, cfg.prediction)
         self.model = ConditionalUNet(self.unet_cfg).to(self.device)
+        if cfg.init_from and not cfg.resume:
+            self._init_from(cfg.init_from)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -198,7 +116,15 @@ class Trainer:
         cond = collate([self.embeddings[c] for c in captions]).to(self.device)
         # dropped rows become the empty prompt: no visible tokens, zero pooled vector
         keep = ~drop.to(self.device)
-        return type(cond)(cond.tokens, cond.mask & keep[:, None], cond.pooled * keep[:, None])
+        tokens, pooled = cond.tokens, cond.pooled
+        if self.cfg.cond_noise:  # robustness: the model learns the neighbourhood of each caption, not a point
+            tokens = tokens + self._relative_noise(tokens) * cond.mask[..., None]
+            pooled = pooled + self._relative_noise(pooled)
+        return type(cond)(tokens, cond.mask & keep[:, None], pooled * keep[:, None])
+
+    def _relative_noise(self, x: torch.Tensor) -> torch.Tensor:
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        return self.cfg.cond_noise * rms * torch.randn(x.shape, generator=self.noise_gen, device=x.device)
 
     def train_step(self, images, captions) -> float | None:
         """One optimizer step; None if it was skipped because the loss or the gradient was not finite."""
@@ -209,7 +135,8 @@ class Trainer:
         noise = torch.randn(x0.shape, generator=self.noise_gen, device=self.device)
         amp = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
         with amp:
-            loss = self.diffusion.training_loss(lambda x, tt: self.ddp(x, tt, cond), x0, t, noise).mean()
+            loss = self.diffusion.training_loss(lambda x, tt: self.ddp(x, tt, cond), x0, t, noise,
+                                                min_snr_gamma=self.cfg.min_snr_gamma).mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -357,7 +284,6 @@ class Trainer:
         self.best_val = min(self.best_val, val)
         self.save(best=is_best)
         if self.main:
-            from plot_func import plot_loss
             plot_loss(self.history, self.run_dir / "loss.png")
             every = self.cfg.sample_every
             if every and (self.epoch % every == 0 or self.epoch == self.cfg.epochs):
@@ -365,7 +291,6 @@ class Trainer:
             tqdm.write(f"epoch {self.epoch}: validation loss {val:.4f}{' (best)' if is_best else ''}")
 
     def save_samples(self, stem: str) -> None:
-        from plot_func import DenoisingRecorder, grid_image, to_uint8
         model = self.ema.module.eval()
         cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
         recorder = DenoisingRecorder(steps=25)
@@ -375,7 +300,6 @@ class Trainer:
         recorder.save(self.run_dir / f"{stem}.gif")
 
     def _encode(self, prompt: str):
-        from models.text_encoder import TextEncoder
         self._encoder = getattr(self, "_encoder", None) or TextEncoder()
         return self._encoder.encode_each([prompt])[0]
 
@@ -383,8 +307,8 @@ class Trainer:
 
     def state(self) -> dict:
         return {
-            "config": {"train": asdict(self.cfg), "unet": self.unet_cfg.to_dict(),
-                       "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps},
+            "config": {"train": asdict(self.cfg), "unet": self.unet_cfg.to_dict(), "schedule": self.cfg.schedule,
+                       "timesteps": self.cfg.timesteps, "prediction": self.cfg.prediction},
             "info": {"dataset": self.data.name, "image_size": self.cfg.image_size, "steps": self.step,
                      "epochs": self.epoch, "example_prompts": self.prompts, "history": compact_history(self.history)},
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
@@ -457,16 +381,32 @@ class Trainer:
                     tqdm.write(f"--resume-fallback: skipping {path.name}: {error}")
         raise ValueError(f"--resume: none of the {len(found)} checkpoints in {self.run_dir} is readable")
 
+    def _init_from(self, path) -> None:
+        """--init-from: the EMA weights of a model whose architecture matches the flags; optimizer starts afresh."""
+        weights, config, _ = read_model_file(path)
+        diffs = self._config_diffs(config, ())
+        if diffs:
+            raise ValueError(f"--init-from: {path} does not match the flags ({'; '.join(diffs)}). Give the "
+                             "architecture flags the model was trained with (its model card lists them).")
+        self.model.load_state_dict(weights)
+        if self.main:
+            tqdm.write(f"initialised from {path}")
+
+    def _config_diffs(self, config: dict, train_keys) -> list[str]:
+        """Differences between a saved config and the flags: architecture, schedule, prediction, `train_keys`."""
+        saved = {**UNetConfig(**config["unet"]).to_dict(), "schedule": config.get("schedule"), "timesteps": config.get("timesteps"),
+                 "prediction": config.get("prediction", "eps")}
+        wanted = {**self.unet_cfg.to_dict(), "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps,
+                  "prediction": self.cfg.prediction}
+        saved_train, flags = config.get("train", {}), asdict(self.cfg)
+        saved.update({k: saved_train[k] for k in train_keys if k in saved_train})
+        wanted.update({k: flags[k] for k in train_keys if k in saved_train})
+        return [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
+                for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+
     def _check_resumable(self, path: Path, ckpt: dict) -> None:
         """Refuse to resume with flags that contradict the checkpoint, naming each difference."""
-        config = ckpt["config"]
-        saved = {**config["unet"], "schedule": config.get("schedule"), "timesteps": config.get("timesteps")}
-        wanted = {**self.unet_cfg.to_dict(), "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps}
-        saved_train, flags = config.get("train", {}), asdict(self.cfg)
-        saved.update({k: saved_train[k] for k in MUST_MATCH_ON_RESUME if k in saved_train})
-        wanted.update({k: flags[k] for k in MUST_MATCH_ON_RESUME if k in saved_train})
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
-                 for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
+        diffs = self._config_diffs(ckpt["config"], MUST_MATCH_ON_RESUME)
         if diffs:
             raise ValueError(f"--resume: {path} does not match the flags ({'; '.join(diffs)}). Resume with the flags "
                              "the run was started with, or start a new run in another --out-dir.")
@@ -484,15 +424,6 @@ class Trainer:
             dist.destroy_process_group()
         if self.main:
             tqdm.write(f"{message}; outputs in {self.run_dir}")
-
-
-def read_training_checkpoint(path: Path) -> dict:
-    """load_checkpoint, plus a clear error if the file lacks what resuming needs."""
-    ckpt = load_checkpoint(path)
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path} is not a complete training checkpoint (missing: {', '.join(missing)})")
-    return ckpt
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

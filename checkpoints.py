@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 CHECKPOINT_GLOB = "checkpoint_*.pt"
 TEMP_SUFFIX = ".tmp"
@@ -107,3 +107,42 @@ def resolve_checkpoint(path) -> Path:
 def prune_checkpoints(run_dir, keep: int) -> None:
     for old in step_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink()
+
+
+CHECKPOINT_KEYS = ("config", "model", "ema", "optimizer", "scaler", "lr_scheduler", "epoch", "step",
+                   "batch_in_epoch", "history", "best_val", "rng")
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    """load_checkpoint, plus a clear error if the file lacks what resuming needs."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a complete training checkpoint (missing: {', '.join(missing)})")
+    return ckpt
+
+
+def compact_history(history: dict, points: int = 400) -> dict:
+    """The loss history with the training loss averaged into at most `points` bins: small enough to travel
+    in the weights file's metadata, so the shipped model's loss curve can be redrawn without its run folder."""
+    steps, loss = history["step"], history["loss"]
+    k = max(1, -(-len(loss) // points))
+    bins = range(0, len(loss), k)
+    return {"step": [steps[min(i + k, len(loss)) - 1] for i in bins],
+            "loss": [sum(loss[i:i + k]) / len(loss[i:i + k]) for i in bins],
+            "val_step": list(history["val_step"]), "val_loss": list(history["val_loss"])}
+
+
+def read_model_file(path) -> tuple[dict, dict, dict]:
+    """(EMA weights, config, info) of a training checkpoint (.pt), a run folder or a .safetensors file."""
+    path = resolve_checkpoint(path)
+    if path.suffix == ".safetensors":
+        weights, meta = load_weights(path)
+        config, info = meta.get("config"), meta.get("info", {})
+    else:
+        ckpt = load_checkpoint(path)
+        config, info = ckpt.get("config"), ckpt.get("info", {})
+        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+    if not config or "unet" not in config:
+        raise ValueError(f"{path} holds no model config; is it a checkpoint of this project?")
+    return weights, config, info

@@ -1,16 +1,18 @@
-"""Loaded model + schedule + text encoder -> images: shared by `diffusion.py sample`, training previews and the web app."""
+"""Loaded model + schedule + text encoder -> images: shared by `sample.py`, training previews and the web app."""
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
+from checkpoints import read_model_file, resolve_checkpoint
 from diffusion import GaussianDiffusion, guided_denoiser, sample
-from models.checkpoint import load_checkpoint, load_weights, resolve_checkpoint
 from models.text_encoder import TextCondition, TextEncoder, null_condition
 from models.unet import ConditionalUNet, UNetConfig
+from preprocess import load_dataset
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "output_ImageNet" / "default_model.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -51,7 +53,6 @@ class Pipeline:
 
     def training_data(self, spec=None):
         """The captioned data set `spec` (default: the one the model was trained on) at the model's size."""
-        from preprocess import load_dataset
         cfg = self.model.cfg
         return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
 
@@ -67,17 +68,9 @@ def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, 
                                     "pass --checkpoint with a checkpoint file or training run folder")
         path = DEFAULT_MODEL
     path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors":
-        weights, meta = load_weights(path)
-        config, info = meta.get("config"), meta.get("info", {})
-    else:
-        ckpt = load_checkpoint(path)
-        config, info = ckpt.get("config"), ckpt.get("info", {})
-        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    if not config or "unet" not in config:
-        raise ValueError(f"{path} holds no model config; is it a checkpoint of this project?")
+    weights, config, info = read_model_file(path)
     model = ConditionalUNet(UNetConfig(**config["unet"]))
     model.load_state_dict(weights)
     model.to(device).eval().requires_grad_(False)
-    diffusion = GaussianDiffusion.from_name(config["schedule"], config["timesteps"])
+    diffusion = GaussianDiffusion.from_name(config["schedule"], config["timesteps"], config.get("prediction", "eps"))
     return model, diffusion, {**info, "path": str(path), "parameters": model.num_parameters()}

@@ -1,0 +1,70 @@
+"""python evaluate.py: prompt adherence (retrieval) and Frechet distance of a trained model.
+
+    python evaluate.py --num-prompts 200 --settings dpmpp:20 ddpm:1000 --out docs/evaluation.md
+"""
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from diffusion import SAMPLERS
+from evaluation import InceptionFeatures, evaluate, markdown_table
+from pipeline import Pipeline
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Generate one image per caption of a random subset and score it: top-1/top-5 "
+                                "retrieval of the prompted training image, and Frechet distance to the training images.")
+    p.add_argument("--checkpoint", default=None, help="checkpoint, ema.safetensors or run folder; default: the shipped model")
+    p.add_argument("--data", default=None, help="captioned data set (as for train); default: the one the model was trained on")
+    p.add_argument("--num-prompts", type=int, default=200, help="captions evaluated (a fixed random subset)")
+    p.add_argument("--settings", nargs="+", default=["dpmpp:10", "dpmpp:25", "ddim:25"],
+                   help="sampler:steps pairs to compare, e.g. dpmpp:20 ddim:50 ddpm:1000")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="fixes the subset and the sampling noise")
+    p.add_argument("--batch", type=int, default=100, help="images generated at once")
+    p.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 weights file "
+                   "(inception_v3_google-0cc3c7bd.pth) for FID proper; default: offline random-conv features")
+    p.add_argument("--out", default=None, help="also write the table, with the command, to this markdown file")
+    p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')
+    return p
+
+
+def parse_settings(specs: list[str]) -> list[tuple[str, int]]:
+    """["dpmpp:25", "ddpm:1000"] -> [("dpmpp", 25), ("ddpm", 1000)], with a clear error for anything else."""
+    settings = []
+    for spec in specs:
+        sampler, _, steps = spec.partition(":")
+        if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: setting {spec!r} is not sampler:steps with a sampler among "
+                             f"{', '.join(sorted(SAMPLERS))} and steps a whole number >= 1 (e.g. dpmpp:25)")
+        settings.append((sampler, int(steps)))
+    return settings
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    settings = parse_settings(args.settings)
+    pipe = Pipeline.load(args.checkpoint, args.device)
+    data = pipe.training_data(args.data)
+    if args.num_prompts < 1 or 2 * args.num_prompts > len(data):
+        raise SystemExit(f"error: --num-prompts must be from 1 to {len(data) // 2} (half the {len(data)} images, "
+                         "so that as many other real images form the reference row)")
+    extractor = InceptionFeatures(args.inception_weights) if args.inception_weights else None
+    fd_name = "FID (Inception-v3)" if extractor else "FD (random conv)"
+    rows = evaluate(pipe, data, settings, args.num_prompts, args.guidance, args.seed, args.batch, extractor)
+    table = markdown_table(rows, fd_name)
+    print(table)
+    if args.out:
+        command = "python evaluate.py " + " ".join(shlex.quote(a) for a in argv)
+        model = os.path.relpath(pipe.info["path"])
+        Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M "
+                                  f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
+                                  f"seed {args.seed}.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,14 +29,17 @@ def pick_device(name: str = "auto") -> torch.device:
 @torch.inference_mode()
 def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition, sampler: str = "dpmpp",
                     steps: int = 25, guidance: float = 3.0, seed: int = 0,
-                    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
-    """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1]. Same seed, same images."""
+                    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+                    clip_x0=True, **sampler_options) -> torch.Tensor:
+    """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1]. Same seed, same images.
+    `clip_x0` (True, or "dynamic" thresholding) and `sampler_options` (e.g. start="floor") go to `sample`."""
     device = next(model.parameters()).device
     n, cfg = cond.tokens.shape[0], model.cfg
     denoiser = guided_denoiser(model, cond.to(device), null_condition(n).to(device), guidance)
     generator = torch.Generator(device).manual_seed(seed)
     return sample(denoiser, diffusion, (n, cfg.in_channels, cfg.image_size, cfg.image_size), sampler, steps,
-                  generator=generator, callback=callback, device=device, clip_x0=True)
+                  generator=generator, callback=callback, device=device, clip_x0=clip_x0,
+                  **sampler_options)
 
 
 @dataclass

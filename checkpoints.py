@@ -1,8 +1,10 @@
 """Checkpoints: atomic writes, safe loading (weights_only / safetensors), run-folder bookkeeping."""
+import errno
 import json
 import os
 import pickle
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,20 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointWriteError(OSError):
     """A checkpoint or weights file could not be written (disk full, quota, permissions); the old one is intact."""
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used: one line naming the file and what is wrong with it."""
+
+
+class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
+    """No model file at the path given (also a FileNotFoundError, for callers that catch that)."""
+
+
+def error_line(error: Exception, limit: int = 300) -> str:
+    """An exception as one short line: the type and the first `limit` characters of its message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -56,14 +72,19 @@ def load_checkpoint(path) -> dict:
         raise
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if not found:  # garbage, not a pickle
-            raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
+        if not found:  # garbage, not a pickle; torch's own advice (weights_only=False) is not repeated
+            reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+            raise ModelFileError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project "
+                                 f"({' '.join(reason.group(1).split())[:200] if reason else error_line(e)})") from e
         # weights_only met a callable it will not build: it was never called
-        raise ValueError(f"refused to load {path}: it holds pickled Python objects other than tensors and plain "
-                         f"data (it names {found.group(1)}), which could run code. Checkpoints of this project "
-                         "never do; nothing from the file was run.") from e
+        raise ModelFileError(f"refused to load {path}: it holds pickled Python objects other than tensors and plain "
+                             f"data (it names {found.group(1)}), which could run code. Checkpoints of this project "
+                             "never do; nothing from the file was run.") from e
+    except OSError as e:
+        raise ModelFileError(f"cannot read checkpoint {path}: {e.strerror or error_line(e)}") from e
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project: {e}") from e
+        raise ModelFileError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project "
+                             f"({error_line(e)})") from e
 
 
 def save_weights(state_dict: dict, metadata: dict, path) -> None:
@@ -74,14 +95,24 @@ def save_weights(state_dict: dict, metadata: dict, path) -> None:
 
 
 def load_weights(path) -> tuple[dict, dict]:
+    """(tensors, metadata with its JSON values decoded) of a safetensors file; ModelFileError if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return load_file(str(path)), meta
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
     except FileNotFoundError:
         raise
-    except Exception as e:
-        raise ValueError(f"weights file {path} is truncated or not a safetensors file: {e}") from e
+    except OSError as e:
+        raise ModelFileError(f"cannot read weights file {path}: {e.strerror or error_line(e)}") from e
+    except Exception as e:  # safetensors reports forged headers, bad offsets and unknown dtypes as its own errors
+        raise ModelFileError(f"weights file {path} is truncated or not a safetensors file ({error_line(e)})") from e
+    meta = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError as e:  # also a number too long to convert
+            raise ModelFileError(f"weights file {path}: its metadata entry {key!r} is not valid JSON ({error_line(e, 80)})") from e
+    return tensors, meta
 
 
 def step_checkpoints(run_dir) -> list[Path]:
@@ -90,18 +121,33 @@ def step_checkpoints(run_dir) -> list[Path]:
 
 
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given, or for a run folder its best, else latest, checkpoint."""
+    """A checkpoint file as given, or for a run folder its best, else latest, checkpoint.
+    ModelFileNotFoundError if there is none; ModelFileError for a symlink loop or something not a file."""
     path = Path(path)
-    if path.is_file():
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ModelFileError(f"checkpoint {path} is a symlink loop (following its links leads back to "
+                                 "itself); point it at a real file") from None
+        if path.is_symlink():
+            raise ModelFileNotFoundError(f"checkpoint {path} is a symlink to {os.readlink(path)}, which does not "
+                                         "exist") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ModelFileNotFoundError(f"checkpoint {path} does not exist (give a .pt/.safetensors file or a "
+                                         "training run folder)") from None
+        raise ModelFileError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    if stat.S_ISREG(mode):
         return path
-    if path.is_dir():
+    if stat.S_ISDIR(mode):
         if (path / "best.pt").is_file():
             return path / "best.pt"
         found = step_checkpoints(path)
         if found:
             return found[-1]
-        raise FileNotFoundError(f"no checkpoint in {path}: expected best.pt or {CHECKPOINT_GLOB} there")
-    raise FileNotFoundError(f"checkpoint {path} does not exist (give a .pt/.safetensors file or a training run folder)")
+        raise ModelFileNotFoundError(f"no checkpoint in {path}: expected best.pt or {CHECKPOINT_GLOB} there")
+    raise ModelFileError(f"checkpoint {path} is not a regular file (a FIFO, socket or device); give a "
+                         ".pt/.safetensors file or a training run folder")
 
 
 def prune_checkpoints(run_dir, keep: int) -> None:
@@ -133,16 +179,72 @@ def compact_history(history: dict, points: int = 400) -> dict:
             "val_step": list(history["val_step"]), "val_loss": list(history["val_loss"])}
 
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# what the info of a model file may hold, and the type of each entry (checked: the app and showcase show them)
+INFO_TYPES = {"dataset": (str,), "image_size": (int,), "steps": (int,), "epochs": (int,), "example_prompts": (list, tuple),
+              "history": (dict,)}
+HISTORY_KEYS = ("step", "loss", "val_step", "val_loss")
+
+
+def _check_info(info, path) -> dict:
+    if not isinstance(info, dict):
+        raise ModelFileError(f"{path}: its info is a {type(info).__name__}, not a mapping")
+    for key, kinds in INFO_TYPES.items():
+        value = info.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise ModelFileError(f"{path}: its info entry {key!r} should be a {kinds[0].__name__}, not a "
+                                 f"{type(value).__name__}")
+    if not all(isinstance(p, str) for p in info.get("example_prompts") or []):
+        raise ModelFileError(f"{path}: its info entry 'example_prompts' should hold text only")
+    history = info.get("history")
+    if history is not None:
+        series = [history.get(k) for k in HISTORY_KEYS]
+        numbers = all(isinstance(s, list | tuple) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in s)
+                      for s in series)
+        if not numbers or len(series[0]) != len(series[1]) or len(series[2]) != len(series[3]):
+            raise ModelFileError(f"{path}: its info entry 'history' should hold number lists {', '.join(HISTORY_KEYS)} "
+                                 "(steps and losses of equal length)")
+    return info
+
+
+def _check_weights(weights: dict, path) -> dict:
+    for name, tensor in weights.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise ModelFileError(f"{path}: its weights should map names to tensors; found {type(name).__name__} -> "
+                                 f"{type(tensor).__name__}")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise ModelFileError(f"{path}: weight {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
+                                 "model weights are floating point (float32, float16, bfloat16 or float64)")
+        if not torch.isfinite(tensor).all():
+            raise ModelFileError(f"{path}: weight {name} holds NaN or infinite values")
+    return weights
+
+
 def read_model_file(path) -> tuple[dict, dict, dict]:
-    """(EMA weights, config, info) of a training checkpoint (.pt), a run folder or a .safetensors file."""
+    """(EMA weights, config, info) of a training checkpoint (.pt), a run folder or a .safetensors file.
+
+    Whatever is wrong with the file (missing, a symlink loop, not a checkpoint, pickled code, a forged header,
+    wrong types or dtypes) is one ModelFileError naming it; pipeline.load_model then checks that the config
+    is a sane model and that the weights fit it."""
     path = resolve_checkpoint(path)
     if path.suffix == ".safetensors":
         weights, meta = load_weights(path)
         config, info = meta.get("config"), meta.get("info", {})
     else:
         ckpt = load_checkpoint(path)
-        config, info = ckpt.get("config"), ckpt.get("info", {})
-        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    if not config or "unet" not in config:
-        raise ValueError(f"{path} holds no model config; is it a checkpoint of this project?")
-    return weights, config, info
+        if not isinstance(ckpt, dict):
+            raise ModelFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this project (a "
+                                 "mapping with config and ema)")
+        missing = [k for k in ("config", "ema") if k not in ckpt]
+        if missing:
+            raise ModelFileError(f"{path} is not a complete checkpoint of this project (missing: {', '.join(missing)})")
+        if not isinstance(ckpt["ema"], dict):
+            raise ModelFileError(f"{path}: its ema entry is a {type(ckpt['ema']).__name__}, not a mapping of weights")
+        config, info = ckpt["config"], ckpt.get("info", {})
+        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()
+                   if isinstance(k, str) and k.startswith("module.")}
+        if not weights:
+            raise ModelFileError(f"{path}: its ema entry holds no model weights")
+    if not isinstance(config, dict) or not isinstance(config.get("unet"), dict):
+        raise ModelFileError(f"{path} holds no model config; is it a checkpoint of this project?")
+    return _check_weights(weights, path), config, _check_info(info, path)

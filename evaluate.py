@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from checkpoints import ModelFileError
 from diffusion import SAMPLERS
 from evaluation import InceptionFeatures, evaluate, markdown_table
 from pipeline import Pipeline
@@ -67,4 +68,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelFileError as error:  # a bad model file: one line naming it and the fault, not a traceback
+        raise SystemExit(f"error: cannot load a model: {error}") from None

@@ -1,18 +1,24 @@
 """Loaded model + schedule + text encoder -> images: shared by `sample.py`, training previews and the web app."""
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from checkpoints import read_model_file, resolve_checkpoint
-from diffusion import GaussianDiffusion, guided_denoiser, sample
-from models.text_encoder import TextCondition, TextEncoder, null_condition
+from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
+from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion, guided_denoiser, sample
+from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
+# A model file's config is checked before anything is allocated: each size within these bounds (so that even
+# building the model on the meta device to count its parameters is quick), then the count itself.
+MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the shipped model has 6M
+UNET_SIZES = {"image_size": (1, 1024), "in_channels": (1, 16), "base_channels": (1, 4096), "num_res_blocks": (1, 32),
+              "num_heads": (1, 64), "patch_size": (1, 16), "context_dim": (EMBED_DIM, EMBED_DIM)}
+MAX_LEVELS, MAX_CHANNEL_MULT, MAX_TIMESTEPS = 8, 64, 100_000
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -63,17 +69,92 @@ class Pipeline:
         return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed, callback)
 
 
+def _whole(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _shown(value) -> str:
+    try:
+        return repr(value)[:40]
+    except ValueError:  # an integer with more digits than Python will print
+        return "a number too long to print"
+
+
+def unet_config(unet: dict, path) -> UNetConfig:
+    """The U-Net config of a model file, every key known and every size within bounds, or ModelFileError."""
+    known = [f.name for f in fields(UNetConfig)]
+    unknown = sorted(map(str, set(unet) - set(known)))
+    if unknown:
+        raise ModelFileError(f"{path}: its model config has unknown keys ({', '.join(unknown)}); known: {', '.join(known)}")
+    bad = [f"{key} must be a whole number from {low} to {high}" for key, (low, high) in UNET_SIZES.items()
+           if key in unet and not _whole(unet[key], low, high)]
+    mult, attention = unet.get("channel_mult", [1]), unet.get("attention_resolutions", [])
+    if not isinstance(mult, list | tuple) or not 1 <= len(mult) <= MAX_LEVELS or not all(_whole(m, 1, MAX_CHANNEL_MULT) for m in mult):
+        bad.append(f"channel_mult must be 1 to {MAX_LEVELS} whole numbers from 1 to {MAX_CHANNEL_MULT}")
+    if not isinstance(attention, list | tuple) or len(attention) > 16 or not all(_whole(r, 1, 1024) for r in attention):
+        bad.append("attention_resolutions must be at most 16 whole numbers from 1 to 1024")
+    dropout = unet.get("dropout", 0.0)
+    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        bad.append("dropout must be a number from 0 to below 1")
+    if not isinstance(unet.get("learn_sigma", False), bool):
+        bad.append("learn_sigma must be true or false")
+    if bad:
+        raise ModelFileError(f"{path}: its model config is not a model this project can build ({'; '.join(bad)})")
+    try:
+        return UNetConfig(**unet)
+    except ValueError as e:  # e.g. an image size the resolution levels do not divide
+        raise ModelFileError(f"{path}: its model config is inconsistent ({e})") from None
+
+
+def _diffusion(config: dict, path) -> GaussianDiffusion:
+    schedule, timesteps, prediction = config.get("schedule"), config.get("timesteps"), config.get("prediction", "eps")
+    if schedule not in SCHEDULES or not _whole(timesteps, 1, MAX_TIMESTEPS) or prediction not in PREDICTIONS:
+        raise ModelFileError(f"{path}: its config needs schedule one of {', '.join(sorted(SCHEDULES))}, timesteps a "
+                             f"whole number from 1 to {MAX_TIMESTEPS} and prediction one of {', '.join(PREDICTIONS)}; "
+                             f"got {_shown(schedule)}, {_shown(timesteps)}, {_shown(prediction)}")
+    return GaussianDiffusion.from_name(schedule, timesteps, prediction)
+
+
+def _shape_check(cfg: UNetConfig, weights: dict, path) -> None:
+    """Count the config's parameters and compare the weights' names and shapes with it, allocating nothing."""
+    try:
+        with torch.device("meta"):
+            shapes = ConditionalUNet(cfg)
+    except Exception as e:  # e.g. a channel count the attention heads do not divide
+        raise ModelFileError(f"{path}: its model config does not build ({error_line(e, 120)})") from None
+    count = shapes.num_parameters()
+    if count > MAX_PARAMETERS:
+        raise ModelFileError(f"{path}: its config describes a model of {count:,} parameters ({count * 4 / 2 ** 30:,.0f} "
+                             f"GiB as float32); refused, the limit is {MAX_PARAMETERS:,}")
+    expected = {name: tuple(t.shape) for name, t in shapes.state_dict().items()}
+    given = {name: tuple(t.shape) for name, t in weights.items()}
+    wrong = [f"{name} is {given[name]}, the config needs {shape}" for name, shape in expected.items()
+             if name in given and given[name] != shape]
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    problems = [f"{len(items)} {what} ({', '.join(items[:2])}{', ...' if len(items) > 2 else ''})"
+                for what, items in (("of wrong shape", wrong), ("missing", missing), ("unexpected", extra)) if items]
+    if problems:
+        raise ModelFileError(f"{path}: its weights do not fit its config: {'; '.join(problems)}")
+
+
 def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, GaussianDiffusion, dict]:
-    """EMA weights from a training checkpoint (.pt), a run folder, or a shipped .safetensors file."""
+    """EMA weights from a training checkpoint (.pt), a run folder, or a shipped .safetensors file.
+
+    Anything wrong with the file or its contents is one ModelFileError (a ValueError) naming the file and the
+    fault; a config describing an absurd model is refused before anything is allocated for it."""
     if path is None:
         if not DEFAULT_MODEL.is_file():
-            raise FileNotFoundError(f"no model given and the default model {DEFAULT_MODEL} is missing; "
-                                    "pass --checkpoint with a checkpoint file or training run folder")
+            raise ModelFileNotFoundError(f"no model given and the default model {DEFAULT_MODEL} is missing; "
+                                         "pass --checkpoint with a checkpoint file or training run folder")
         path = DEFAULT_MODEL
     path = resolve_checkpoint(path)
     weights, config, info = read_model_file(path)
-    model = ConditionalUNet(UNetConfig(**config["unet"]))
-    model.load_state_dict(weights)
+    cfg, diffusion = unet_config(config["unet"], path), _diffusion(config, path)
+    _shape_check(cfg, weights, path)
+    model = ConditionalUNet(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # names and shapes were checked: a last line of defence
+        raise ModelFileError(f"{path}: its weights do not fit its config ({error_line(e, 200)})") from None
     model.to(device).eval().requires_grad_(False)
-    diffusion = GaussianDiffusion.from_name(config["schedule"], config["timesteps"], config.get("prediction", "eps"))
     return model, diffusion, {**info, "path": str(path), "parameters": model.num_parameters()}

@@ -5,6 +5,7 @@
 import argparse
 from pathlib import Path
 
+from checkpoints import ModelFileError
 from diffusion import SAMPLERS, sampler_steps
 from pipeline import Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
@@ -62,4 +63,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelFileError as error:  # a bad model file: one line naming it and the fault, not a traceback
+        raise SystemExit(f"error: cannot load a model: {error}") from None

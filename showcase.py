@@ -5,6 +5,7 @@ import argparse
 import re
 from pathlib import Path
 
+from checkpoints import ModelFileError
 from diffusion import SAMPLERS, sampler_steps
 from pipeline import Pipeline
 from plot_func import DenoisingRecorder, ensure_dir, forward_diffusion_strip, grid_image, plot_loss, save_png, to_uint8
@@ -63,4 +64,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelFileError as error:  # a bad model file: one line naming it and the fault, not a traceback
+        raise SystemExit(f"error: cannot load a model: {error}") from None

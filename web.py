@@ -2,8 +2,10 @@
 
     python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password]
 
-The model loads once; a bounded queue serves users in turn. Every input is checked here, on the
-server, so a bad request gets a clear message and never a traceback.
+The model loads once; a bounded queue serves users in turn. Every input is checked on the server
+(web_checks.py), so a bad request gets a clear message and never a traceback; web_guard.py caps request
+bodies, serves only the app's own images and, with --auth, hides the API from the login page and slows
+password guessing.
 """
 import argparse
 import asyncio
@@ -11,90 +13,43 @@ import math
 import os
 import queue
 import random
-import re
 import shutil
 import tempfile
 import threading
 import time
 import traceback
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
 
 import gradio as gr
 import torch
+from starlette.middleware import Middleware
 
-from models.text_encoder import MAX_TOKENS
+from checkpoints import ModelFileError
 from pipeline import DEFAULT_MODEL, Pipeline
 from plot_func import DenoisingRecorder, save_png, to_pil, to_uint8, upscale
+from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    SAMPLER_CHOICES,
+    InputError,
+    Request,
+    parse_request,
+)
+from web_guard import LoginThrottle, WebGuard
 
-SAMPLER_CHOICES = [("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"), ("DDPM (always all steps)", "ddpm")]
-MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 200, 20.0, 2 ** 31 - 1
-MAX_PROMPT_CHARS = 1000
+MAX_UPLOAD = "1mb"  # Gradio's upload route, which no widget of the page uses: small, and never served back
 PREVIEW_FRAMES = 20  # previews streamed per generation (and frames of its GIF), at most
 KEEP_RESULTS = 200   # newest result folders kept on disk
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 POLL_S = 0.02  # how often the page's stream checks for a new preview
 CONSUMER_TIMEOUT_S = 30  # a preview nobody collects this long means the client is gone: stop sampling
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
-
-
-class InputError(ValueError):
-    """A request the app refuses, with a message for the user."""
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str
-    n: int
-    steps: int
-    sampler: str
-    guidance: float
-    seed: int
-    note: str = ""  # what was changed on the way in (e.g. truncation), to show the user
-
-
-def _whole_number(value, name: str, low: int, high: int) -> int:
-    try:
-        number = float(str(value).strip())
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a whole number from {low} to {high}; got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or not low <= number <= high:
-        raise InputError(f"{name} must be a whole number from {low} to {high}; got {value!r}")
-    return int(number)
-
-
-def parse_request(prompt, n, steps, sampler, guidance, seed, token_count=None) -> Request:
-    """Check raw inputs (from the page or the API) and turn them into a Request, or raise InputError."""
-    if not isinstance(prompt, str):
-        raise InputError(f"the prompt must be text; got {type(prompt).__name__}")
-    prompt = re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in prompt)).strip()
-    if not prompt:
-        raise InputError("the prompt is empty: describe the image, e.g. \"red apple\"")
-    note = ""
-    if len(prompt) > MAX_PROMPT_CHARS:
-        prompt, note = prompt[:MAX_PROMPT_CHARS], f"prompt cut to its first {MAX_PROMPT_CHARS} characters; "
-    if token_count is not None and token_count(prompt) > MAX_TOKENS:
-        note += f"the text encoder reads only the first {MAX_TOKENS} tokens of the prompt; the rest is ignored; "
-    n = _whole_number(n, "number of images", 1, MAX_IMAGES)
-    steps = _whole_number(steps, "steps", 1, MAX_STEPS)
-    names = [value for _, value in SAMPLER_CHOICES]
-    if sampler not in names:
-        raise InputError(f"sampler must be one of {', '.join(names)}; got {sampler!r}")
-    try:
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        guidance = float("nan")
-    if not 0.0 <= guidance <= MAX_GUIDANCE:  # also refuses NaN
-        raise InputError(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}; got {guidance!r}")
-    if seed is None or (isinstance(seed, str) and seed.strip() in ("", "-1")):
-        seed = -1
-    seed = _whole_number(seed, "seed", -1, MAX_SEED)
-    if seed == -1:
-        seed = random.randint(0, MAX_SEED)
-    return Request(prompt, n, steps, sampler, guidance, seed, note.rstrip("; "))
 
 
 class Cancelled(Exception):
@@ -214,6 +169,9 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
             req = parse_request(prompt, n, steps, sampler, guidance, seed, pipe.encoder.token_count)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
+        except Exception:  # a check of ours that failed: logged in full, and still a sentence for the client
+            traceback.print_exc()
+            raise gr.Error("the request could not be read; please check its inputs", print_exception=False) from None
         total = pipe.diffusion.T if req.sampler == "ddpm" else req.steps
         note = f" — note: {req.note}" if req.note else ""
         yield None, None, None, progress_html(0, total, f"· seed {req.seed}{note}")
@@ -305,15 +263,21 @@ def main(argv=None) -> None:
     auth = parse_auth(args.auth)
     try:
         pipe = Pipeline.load(args.checkpoint, args.device)
-    except (FileNotFoundError, ValueError) as error:
+    except ModelFileError as error:
         raise SystemExit(f"error: cannot load a model: {error}") from None
     out_dir = Path(args.out_dir).resolve()
-    # Gradio's own copies of served files live inside our output folder too: nothing else is served
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_dir / "cache"))
+    # Gradio's cache (its copies of our results, and whatever is sent to its upload route) lies beside the
+    # output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves only the
+    # PNGs and GIFs in these two folders, as images
+    cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
+    os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
     app = build_app(pipe, out_dir, args.max_queue, args.concurrency)
+    guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
+                       hide_api_from_login_page=auth is not None)
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-               allowed_paths=[str(out_dir)], show_error=False)
+               allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD,
+               ssr_mode=False, app_kwargs={"middleware": [guard]})  # no Node server rendering pages past the guard
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""Files from elsewhere: checkpoints carrying pickled code, dataset folders full of junk."""
+"""Files from elsewhere: checkpoints carrying pickled code or malformed in every other way, dataset folders full of junk."""
 import os
 import pickle
+import resource
+import runpy
 import struct
+import subprocess
+import sys
+import time
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -9,12 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from checkpoints import load_checkpoint, load_weights
-from pipeline import load_model
+import web
+from checkpoints import ModelFileError, load_checkpoint, load_weights, save_weights
+from pipeline import MAX_PARAMETERS, load_model
 from preprocess import MAX_DECODE_PIXELS, image_folder, load_image
 from tests.test_training import config, make_folder
-from tests.webserver import tiny_model
+from tests.webserver import REPO, tiny_model
 from trainer import Trainer
 
 ROOT_USER = os.geteuid() == 0  # root reads files without read permission: then that one is a good image
@@ -78,6 +85,140 @@ def test_shipped_format_loads_without_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a .safetensors model"))
     model, _, info = load_model(path)
     assert info["parameters"] == sum(p.numel() for p in model.parameters()) > 0
+
+
+# --- model files malformed in every other way ---------------------------------------------------------
+
+def safetensors_bytes(header: bytes, data: bytes = b"", length: int | None = None) -> bytes:
+    """A safetensors file by hand: 8-byte little-endian header length, JSON header, data."""
+    return struct.pack("<Q", len(header) if length is None else length) + header + data
+
+
+def bad_model_files(root) -> dict[str, tuple]:
+    """name -> (path, words its error must contain): every way a model file we were given can be wrong."""
+    weights, meta = load_weights(tiny_model(root / "good.safetensors"))
+    cfg, info, first = meta["config"], meta["info"], sorted(weights)[0]
+    ema = {"module." + k: v for k, v in weights.items()}
+
+    def st(name, w=weights, unet=None, info=info, **config):
+        path = root / f"{name}.safetensors"
+        save_weights(w, {"config": {**cfg, "unet": {**cfg["unet"], **(unet or {})}, **config}, "info": info}, path)
+        return path
+
+    def pt(name, obj):
+        torch.save(obj, root / f"{name}.pt")
+        return root / f"{name}.pt"
+
+    def raw(name, data: bytes):
+        (root / name).write_bytes(data)
+        return root / name
+
+    save_file(weights, root / "bad_meta.safetensors", metadata={"config": "{not json"})
+    (root / "loop_a.pt").symlink_to(root / "loop_b.pt")
+    (root / "loop_b.pt").symlink_to(root / "loop_a.pt")
+    (root / "dangling.pt").symlink_to(root / "gone.pt")
+    os.mkfifo(root / "fifo.pt")
+    (root / "empty_run").mkdir()
+    header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    return {
+        "forged header length": (raw("huge_header.safetensors", safetensors_bytes(b"{}", length=2 ** 62)), "not a safetensors file"),
+        "offsets past the end": (raw("offsets.safetensors", safetensors_bytes(header.replace(b"16]", b"99999]"), bytes(16))), "not a safetensors file"),
+        "header not JSON": (raw("garbage.safetensors", safetensors_bytes(b"{oops", bytes(8))), "not a safetensors file"),
+        "unknown dtype": (raw("dtype.safetensors", safetensors_bytes(header.replace(b"F32", b"Q7"), bytes(16))), "not a safetensors file"),
+        "metadata not JSON": (root / "bad_meta.safetensors", "'config' is not valid JSON"),
+        "integer weights": (st("ints", {**weights, first: weights[first].to(torch.int32)}), f"weight {first} has dtype int32"),
+        "NaN weights": (st("nan", {**weights, first: torch.full_like(weights[first], float("nan"))}), "NaN or infinite"),
+        "weights of another shape": (st("shapes", unet={"base_channels": 32}), "weights do not fit its config"),
+        "weights missing": (st("missing", {k: v for k, v in weights.items() if k != first}), f"1 missing ({first})"),
+        "a list in a .pt": (pt("list", [1, 2, 3]), "holds a list, not a checkpoint"),
+        "a bare tensor in a .pt": (pt("tensor", torch.zeros(3)), "holds a Tensor, not a checkpoint"),
+        "no ema entry": (pt("no_ema", {"config": cfg, "model": ema}), "missing: ema"),
+        "ema not a mapping": (pt("ema_list", {"config": cfg, "ema": [1, 2]}), "ema entry is a list"),
+        "ema without weights": (pt("ema_empty", {"config": cfg, "ema": {"n_averaged": torch.tensor(1)}}), "holds no model weights"),
+        "no config": (pt("no_config", {"config": None, "ema": ema}), "holds no model config"),
+        "unknown config keys": (st("unknown", unet={"widht": 3, "colour": 1}), "unknown keys (colour, widht)"),
+        "sizes as text": (st("text_sizes", unet={"image_size": "16"}), "image_size must be a whole number"),
+        "absurd width": (st("wide", unet={"base_channels": 100_000}), "base_channels must be a whole number from 1 to 4096"),
+        "absurd parameter count": (st("huge", unet={"base_channels": 4096, "channel_mult": [1, 2, 4, 8], "image_size": 32}),
+                                   f"refused, the limit is {MAX_PARAMETERS:,}"),
+        "heads not dividing channels": (st("heads", unet={"num_heads": 3}), "its model config does not build"),
+        "unknown schedule": (st("schedule", schedule="quadratic"), "schedule one of cosine, linear"),
+        "absurd timesteps": (st("timesteps", timesteps=10 ** 12), "timesteps a whole number from 1 to"),
+        "info of wrong types": (st("info", info={**info, "example_prompts": "red apple"}), "'example_prompts' should be a list"),
+        "history of wrong shape": (st("history", info={**info, "history": {"step": [1, 2], "loss": [0.5]}}), "'history' should hold"),
+        "random bytes as .pt": (raw("noise.pt", os.urandom(256)), "truncated, corrupted or not a checkpoint"),
+        "symlink loop": (root / "loop_a.pt", "is a symlink loop"),
+        "dangling symlink": (root / "dangling.pt", "gone.pt, which does not exist"),
+        "a FIFO": (root / "fifo.pt", "not a regular file"),
+        "a run folder without checkpoints": (root / "empty_run", "no checkpoint in"),
+        "nothing there": (root / "nothing.pt", "does not exist"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return bad_model_files(tmp_path_factory.mktemp("bad_models"))
+
+
+def test_every_malformed_model_file_is_one_clear_error_naming_it(bad_files):
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports KB)
+    for case, (path, words) in bad_files.items():
+        start = time.monotonic()
+        with pytest.raises(ModelFileError) as caught:  # a ValueError: never a KeyError, TypeError, RuntimeError...
+            load_model(path)
+        message = str(caught.value)
+        assert str(path) in message and words in message and "\n" not in message, (case, message)
+        assert time.monotonic() - start < 10, case  # refused before anything big is built
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before
+    assert grown < 500, f"peak memory grew {grown:.0f} MB: an absurd config was allocated"
+
+
+ENTRY_POINTS = {"sample.py": ["--prompt", "x"], "evaluate.py": [], "showcase.py": [], "web.py": []}
+
+
+def entry_argv(script: str, checkpoint, out) -> list[str]:
+    argv = ["--checkpoint", str(checkpoint), "--device", "cpu", *ENTRY_POINTS[script]]
+    return argv if script == "evaluate.py" else [*argv, "--out-dir", str(out)]
+
+
+def run_entry_point(script: str, checkpoint, tmp_path) -> str:
+    """Run an entry point's __main__ in this process; return its exit message (it must exit with one)."""
+    argv = [script, *entry_argv(script, checkpoint, tmp_path / "out")]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as exited:
+            if script == "web.py":
+                web.main(argv[1:])
+            else:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    return str(exited.value.code)
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_entry_points_print_one_line_and_exit_nonzero_for_each_bad_model(bad_files, script, tmp_path):
+    for case, (path, words) in bad_files.items():
+        message = run_entry_point(script, path, tmp_path)
+        assert message.startswith("error: cannot load a model: ") and words in message, (case, message)
+        assert str(path) in message and "\n" not in message, (case, message)
+
+
+def test_a_bad_model_file_is_one_line_on_stderr_of_each_real_process(bad_files, tmp_path):
+    path, _ = bad_files["a list in a .pt"]
+    procs = {script: subprocess.Popen([sys.executable, script, *entry_argv(script, path, tmp_path / script)], cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+             for script in ENTRY_POINTS}
+    for script, proc in procs.items():
+        try:
+            _, stderr = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        assert proc.returncode == 1 and "Traceback" not in stderr, (script, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert errors == [stderr.strip().splitlines()[-1]] and str(path) in errors[0], (script, stderr)
 
 
 # --- dataset folders full of junk --------------------------------------------------------------------

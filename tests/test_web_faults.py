@@ -1,4 +1,5 @@
 """The web app under bad input, departing clients, load and attack, against real servers on 127.0.0.1."""
+import math
 import os
 import re
 import signal
@@ -21,6 +22,8 @@ from PIL import Image
 
 import web
 from tests.webserver import REPO, start_server, tiny_model
+from web_checks import InputError, parse_request
+from web_guard import WebGuard
 
 # every refusal names the input and what is accepted
 CLEAR_MESSAGES = re.compile(r"the prompt is empty|the prompt must be text|number of images must be a whole number "
@@ -66,16 +69,18 @@ VALID = {
     "n": st.one_of(st.integers(1, 3), st.sampled_from([16, "2", 2.0, " 1 ", "\u0663"])),
     "steps": st.one_of(st.integers(1, 4), st.sampled_from([200, "3", 3.0, "1e0"])),
     "sampler": st.sampled_from(["dpmpp", "ddim"]),  # ddpm always runs 1000 steps: tested apart
-    "guidance": st.one_of(st.floats(0, 20), st.sampled_from(["2.5", 0, 20, " 7 "])),
-    "seed": st.one_of(st.integers(-1, 2 ** 31 - 1), st.sampled_from(["", " 42 ", None, "-1", 5.0])),
+    "guidance": st.one_of(st.floats(0, 20), st.sampled_from(["2.5", 0, 20, " 7 ", -0.0, "-0", 5e-324, "4.9e-324"])),
+    "seed": st.one_of(st.integers(-1, 2 ** 31 - 1), st.sampled_from(["", " 42 ", None, "-1", 5.0, -0.0, "-0"])),
 }
 INVALID = {
     "prompt": st.one_of(st.sampled_from(["", " \t\n ", "\x00\x07\x1b", "\u200b"]), JUNK.filter(lambda v: not isinstance(v, str))),
-    "n": st.one_of(st.integers(-5, 0), st.integers(17, 10 ** 9), st.sampled_from([1.5, "two", "nan", "inf", True, [2]])),
+    "n": st.one_of(st.integers(-5, 0), st.integers(17, 10 ** 9), st.sampled_from([1.5, "two", "nan", "inf", True, [2], 2 ** 64, 5e-324])),
     "steps": st.one_of(st.integers(-5, 0), st.integers(201, 10 ** 9), st.sampled_from([2.5, "many", None, "-inf", {}])),
     "sampler": st.one_of(st.sampled_from(["euler", "DDIM", "", "ddim ", None, 3]), TEXT.filter(lambda t: t not in ("dpmpp", "ddim", "ddpm"))),
-    "guidance": st.one_of(st.floats(-1e6, -1e-6), st.floats(20.001, 1e9), st.sampled_from(["nan", "inf", "lots", None, [1]])),
-    "seed": st.one_of(st.integers(-10 ** 6, -2), st.integers(2 ** 31, 2 ** 40), st.sampled_from(["abc", 1.5, "1e400", True, [0]])),
+    "guidance": st.one_of(st.floats(-1e6, -1e-6), st.floats(20.001, 1e9),
+                          st.sampled_from(["nan", "inf", "lots", None, [1], 10 ** 400, -10 ** 400, True, -5e-324])),
+    "seed": st.one_of(st.integers(-10 ** 6, -2), st.integers(2 ** 31, 2 ** 40),
+                      st.sampled_from(["abc", 1.5, "1e400", True, [0], 2 ** 63, 2 ** 64, -2 ** 63 - 1, 10 ** 400])),
 }
 FIELD_OF_MESSAGE = {"prompt": "prompt", "number of images": "n", "steps": "steps", "sampler": "sampler",
                     "guidance": "guidance", "seed": "seed"}
@@ -129,6 +134,35 @@ def test_control_characters_are_dropped_and_emoji_kept(client):
     with Image.open(gallery[0]["image"]) as img:
         prompt = img.text["prompt"]
     assert "🍎" in prompt and prompt.startswith("red apple") and prompt.isprintable()
+
+
+NUMBER_EDGES = [10 ** 400, -10 ** 400, 10 ** 5000, 2 ** 63, 2 ** 64, -2 ** 63 - 1, 1e308, -0.0, "-0", 5e-324, -5e-324,
+                "4.9e-324", "1e400", "-1e400", "1" + "0" * 400, True, False]
+
+
+def test_numbers_beyond_float_or_int64_range_negative_zero_and_subnormals_are_checked():
+    for value in NUMBER_EDGES:
+        for field in range(1, 6):  # n, steps, sampler, guidance, seed
+            args = ["sun", 1, 2, "dpmpp", 3.0, 0]
+            args[field] = value
+            try:
+                req = parse_request(*args)
+            except InputError as error:
+                assert CLEAR_MESSAGES.search(str(error)) and len(str(error)) < 200, (field, str(error))
+                continue
+            assert math.isfinite(req.guidance) and 0 <= req.guidance <= 20 and 0 <= req.seed < 2 ** 31, (field, value)
+            assert str(req.guidance) != "-0.0", "negative zero is made zero"
+    assert parse_request("sun", 1, 2, "dpmpp", "-0", "-0").guidance == 0.0
+
+
+def test_an_overflowing_number_in_raw_json_gets_a_message_not_a_null_error(client, server):
+    for body in ('{"data": ["sun", 1, 2, "dpmpp", 1%s, 0]}' % ("0" * 400), '{"data": ["sun", 1, 2, "dpmpp", 1e400, 0]}',
+                 '{"data": ["sun", 1, 2, "dpmpp", 3, 18446744073709551616]}'):
+        r = httpx.post(server.url + "gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
+        events = httpx.get(server.url + f"gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
+        assert "event: error" in events and CLEAR_MESSAGES.search(events), events[-300:]
+    assert "Traceback" not in server.log_text() and "OverflowError" not in server.log_text()
+    assert_serving(client)
 
 
 # --- a client that leaves ----------------------------------------------------------------------------
@@ -187,8 +221,12 @@ def launch_flags(monkeypatch, tmp_path, *argv) -> dict:
 def test_defaults_listen_locally_share_nothing_and_serve_only_the_output_folder(monkeypatch, tmp_path):
     flags = launch_flags(monkeypatch, tmp_path)
     assert flags["server_name"] == "127.0.0.1" and flags["share"] is False and flags["auth"] is None
-    assert flags["allowed_paths"] == [str((tmp_path / "out").resolve())] and flags["show_error"] is False
-    assert os.environ["GRADIO_TEMP_DIR"] == str((tmp_path / "out" / "cache").resolve())
+    out = (tmp_path / "out").resolve()
+    assert flags["allowed_paths"] == [str(out)] and flags["show_error"] is False and flags["max_file_size"] == "1mb"
+    # Gradio's cache, where uploads land, is not inside an allowed path (Gradio would serve them inline as pages)
+    assert os.environ["GRADIO_TEMP_DIR"] == str(out.with_name("out-cache"))
+    guard = flags["app_kwargs"]["middleware"][0]
+    assert guard.cls is WebGuard and guard.kwargs["served"] == [out, out.with_name("out-cache")]
     flags = launch_flags(monkeypatch, tmp_path, "--host", "0.0.0.0", "--share", "--auth", "ann:pw:with:colons")
     assert (flags["server_name"], flags["share"], flags["auth"]) == ("0.0.0.0", True, ("ann", "pw:with:colons"))
     for bad in ("ann", "ann:", ":pw"):
@@ -225,10 +263,10 @@ def test_no_file_outside_the_output_folder_is_served(client, server):
     served = re.findall(r'"url": "([^"]+)"', stream)
     assert served and httpx.get(served[0]).status_code == 200  # the probe can tell a served file
     out = server.log.parent / "out"
-    assert all(f"file={out.resolve()}" in url for url in served), served
+    assert all(re.search(rf"file={re.escape(str(out.resolve()))}(-cache)?/", url) for url in served), served
     root = server.log.parent
     targets = ["/etc/passwd", str(root / "secret.txt"), f"{out.resolve()}/../secret.txt",
-               f"{out.resolve()}/cache/../../secret.txt", str(root / "tiny.safetensors"), str(REPO / "web.py"),
+               f"{out.resolve()}-cache/../secret.txt", str(root / "tiny.safetensors"), str(REPO / "web.py"),
                "web.py", "../secret.txt", "README.md", str(server.log)]
     for target in targets:
         for route in ("gradio_api/file=", "file=", "gradio_api/file/", "gradio_api/static/", "static/", "assets/"):

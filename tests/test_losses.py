@@ -71,3 +71,49 @@ def test_vlb_is_zero_when_the_model_matches_the_true_posterior():
     wrong = d.vlb_term(out_wrong, x0, xt, t)
     assert wrong[0] > 1e-4 and wrong[1] > 0  # late in the chain beta_t and the posterior variance nearly agree
     assert math.isfinite(d.vlb_term(out, x0, xt, torch.tensor([0, 0])).sum().item())
+
+
+# --- v-prediction and Min-SNR weighting --------------------------------------------------------
+
+def test_v_target_converts_back_to_the_noise_and_the_clean_image():
+    d = D.GaussianDiffusion.from_name("cosine", prediction="v")
+    x0, noise = gaussian_data(500), torch.randn(500, 2, dtype=torch.float64)
+    t = torch.randint(0, 1000, (500,), generator=torch.Generator().manual_seed(2))
+    x_t, v = d.q_sample(x0, t, noise), d.q_velocity(x0, t, noise)
+    torch.testing.assert_close(d.eps_from_output(v, x_t, t), noise)
+    torch.testing.assert_close(d.predict_x0(x_t, t, d.eps_from_output(v, x_t, t)), x0)
+    eps = D.GaussianDiffusion.from_name("cosine")
+    assert eps.eps_from_output(v, x_t, t) is v, "an eps-model's output is already the noise"
+
+
+def test_a_v_model_samples_the_same_as_the_equivalent_eps_model():
+    eps_d, v_d = D.GaussianDiffusion.from_name("cosine"), D.GaussianDiffusion.from_name("cosine", prediction="v")
+    eps_model = optimal_eps(eps_d.alphas_cumprod)
+
+    def v_model(x, t):  # the optimal v, written from the optimal eps: v = (eps - sigma x_t) / alpha
+        a, s = v_d.alphas[t].view(-1, 1), v_d.sigmas[t].view(-1, 1)
+        return (eps_model(x, t) - s * x) / a
+    for sampler in ("dpmpp", "ddim"):
+        out = [D.sample(m, d, (64, 2), sampler, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+                        precision="fp32") for m, d in ((eps_model, eps_d), (v_model, v_d))]
+        torch.testing.assert_close(out[0], out[1])
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(prediction):
+    """Hang et al. 2023: eps-MSE = SNR * x0-MSE and v-MSE = (SNR + 1) * x0-MSE, so both weights make the
+    loss min(SNR, gamma) * x0-MSE: equal for a model of either kind that makes the same x0 error."""
+    d = D.GaussianDiffusion.from_name("cosine", prediction=prediction)
+    x0, noise = gaussian_data(8), torch.randn(8, 2, dtype=torch.float64)
+    t = torch.tensor([1, 10, 50, 100, 300, 600, 900, 999])
+    x0_error = 0.1 * torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def model(x_t, tt):  # predicts x0 + x0_error, written as eps or v
+        a, s = d.alphas[tt].view(-1, 1), d.sigmas[tt].view(-1, 1)
+        x0_hat = x0 + x0_error
+        eps_hat = (x_t - a * x0_hat) / s
+        return eps_hat if prediction == "eps" else a * eps_hat - s * x0_hat
+    snr = (d.alphas_cumprod / (1 - d.alphas_cumprod))[t]
+    weighted = d.training_loss(model, x0, t, noise, min_snr_gamma=5.0)
+    torch.testing.assert_close(weighted.double(), snr.clamp(max=5.0) * x0_error.pow(2).mean(1), rtol=1e-4, atol=1e-9)
+    assert torch.equal(d.loss_weight(t, 0.0), torch.ones(8, dtype=torch.float64)), "gamma 0: plain MSE"

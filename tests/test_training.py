@@ -125,6 +125,33 @@ while True:
 """
 
 
+def test_init_from_warm_starts_from_a_model_file_and_refuses_another_architecture(trained_run, folder, cache_dir, tmp_path):
+    weights = load_weights(trained_run / "ema.safetensors")[0]
+    warm = Trainer(config(folder, cache_dir, tmp_path / "warm", init_from=str(trained_run / "ema.safetensors")))
+    assert all(torch.equal(v, weights[k]) for k, v in warm.model.state_dict().items())
+    assert warm.step == 0 and not warm.opt.state, "a fresh optimizer and schedule"
+    with pytest.raises(ValueError, match=r"--init-from: .*base_channels: checkpoint 16, flags 8"):
+        Trainer(config(folder, cache_dir, tmp_path / "other", base_channels=8, init_from=str(trained_run / "ema.safetensors")))
+    with pytest.raises(ValueError, match=r"prediction: checkpoint 'eps', flags 'v'"):
+        Trainer(config(folder, cache_dir, tmp_path / "v", prediction="v", init_from=str(trained_run / "ema.safetensors")))
+
+
+def test_cond_noise_perturbs_real_tokens_by_the_asked_relative_size(folder, cache_dir, tmp_path):
+    trainer = Trainer(config(folder, cache_dir, tmp_path, cond_noise=0.5))
+    captions = ["red square", "a photo of a blue circle", "blue circle"]
+    clean = trainer._condition(captions, torch.zeros(3, dtype=torch.bool))
+    trainer.cfg.cond_noise = 0.0
+    exact = trainer._condition(captions, torch.tensor([False, False, True]))
+    trainer.cfg.cond_noise = 0.5
+    mask = exact.mask[:2]
+    delta = (clean.tokens - exact.tokens)[:2][mask]
+    rel = delta.pow(2).mean(-1).sqrt() / exact.tokens[:2][mask].pow(2).mean(-1).sqrt()
+    assert 0.4 < rel.mean().item() < 0.6, rel
+    assert (clean.tokens[~clean.mask] == 0).all(), "padding stays zero"
+    assert 0.4 < ((clean.pooled - exact.pooled)[:2].norm(dim=1) / exact.pooled[:2].norm(dim=1)).mean() < 0.6
+    assert not exact.mask[2].any() and (exact.pooled[2] == 0).all(), "a dropped prompt stays the empty prompt"
+
+
 def test_kill_during_checkpoint_writes_never_leaves_an_unreadable_checkpoint(tmp_path):
     path = tmp_path / "checkpoint_00000001.pt"
     rng = random.Random(0)

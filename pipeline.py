@@ -65,8 +65,11 @@ class Pipeline:
         cfg = self.model.cfg
         return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
 
-    def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None) -> torch.Tensor:
-        return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed, callback)
+    def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None,
+                 **options) -> torch.Tensor:
+        """`options` go to `generate_images` and the sampler: clip_x0, start, ..."""
+        return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed,
+                               callback, **options)
 
 
 def _whole(value, low: int, high: int) -> bool:

@@ -24,6 +24,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", nargs="+", default=["dpmpp:10", "dpmpp:25", "ddim:25"],
                    help="sampler:steps pairs to compare, e.g. dpmpp:20 ddim:50 ddpm:1000")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--start", choices=["T", "floor"], default="T", help="few-step samplers start at t = T-1, or at "
+                   "the timestep of the log-SNR floor (see GaussianDiffusion.timesteps)")
+    p.add_argument("--clip", choices=["static", "dynamic"], default="static",
+                   help="x0 clipped to [-1, 1], or Imagen's dynamic thresholding")
     p.add_argument("--seed", type=int, default=0, help="fixes the subset and the sampling noise")
     p.add_argument("--batch", type=int, default=100, help="images generated at once")
     p.add_argument("--inception-weights", default=None, help="torchvision Inception-v3 weights file "
@@ -56,7 +60,12 @@ def main(argv=None) -> None:
                          "so that as many other real images form the reference row)")
     extractor = InceptionFeatures(args.inception_weights) if args.inception_weights else None
     fd_name = "FID (Inception-v3)" if extractor else "FD (random conv)"
-    rows = evaluate(pipe, data, settings, args.num_prompts, args.guidance, args.seed, args.batch, extractor)
+    options = {"clip_x0": True if args.clip == "static" else "dynamic"}
+    if args.start == "floor":
+        if any(sampler == "ddpm" for sampler, _ in settings):
+            raise SystemExit("error: --start floor is for the few-step samplers; DDPM always runs all T steps")
+        options["start"] = "floor"
+    rows = evaluate(pipe, data, settings, args.num_prompts, args.guidance, args.seed, args.batch, extractor, options)
     table = markdown_table(rows, fd_name)
     print(table)
     if args.out:
@@ -64,7 +73,7 @@ def main(argv=None) -> None:
         model = os.path.relpath(pipe.info["path"])
         Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M "
                                   f"parameters), {args.num_prompts} prompts of {data.name}, guidance {args.guidance}, "
-                                  f"seed {args.seed}.\n\n{table}\n")
+                                  f"start {args.start}, clip {args.clip}, seed {args.seed}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def heldout_prompts(data: CaptionedImages, pick: list[int], seed: int) -> list[t
 
 def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, int]], num_prompts: int = 200,
              guidance: float = 3.0, seed: int = 0, batch: int = 100,
-             extractor: torch.nn.Module | None = None) -> list[EvalRow]:
+             extractor: torch.nn.Module | None = None, sampler_options: dict | None = None) -> list[EvalRow]:
     """Adherence and Fréchet distance for each (sampler, steps), on one fixed random subset of images:
     their first training caption, and one held-out rewording each (held-out columns are NaN without any).
 
@@ -154,7 +154,7 @@ def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, in
         return full["top1"], full["top5"], low["top1"]
 
     def generate(asked, sampler, steps):
-        return torch.cat([pipe.generate(asked[i:i + batch], sampler, steps, guidance, seed + i)
+        return torch.cat([pipe.generate(asked[i:i + batch], sampler, steps, guidance, seed + i, **(sampler_options or {}))
                           for i in range(0, len(asked), batch)] or [real[:0]]).float().cpu()
 
     own = rates(real[others], [data.captions[i][0] for i in others], data.captions)

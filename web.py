@@ -29,7 +29,7 @@ import torch
 from starlette.middleware import Middleware
 
 from checkpoints import ModelFileError
-from pipeline import DEFAULT_MODEL, Pipeline
+from pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from plot_func import DenoisingRecorder, save_png, to_pil, to_uint8, upscale
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_GUIDANCE,
@@ -215,8 +215,8 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 # plain number boxes: out-of-range values reach the server, which explains what is accepted
                 n = gr.Number(value=4, precision=0, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n")
-                sampler = gr.Dropdown(SAMPLER_CHOICES, value="dpmpp", label="Sampler", elem_id="sampler")
-                steps = gr.Number(value=25, precision=0, label=f"Steps (1 to {MAX_STEPS}; DDPM always runs all {pipe.diffusion.T})",
+                sampler = gr.Dropdown(SAMPLER_CHOICES, value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
+                steps = gr.Number(value=DEFAULT_STEPS, precision=0, label=f"Steps (1 to {MAX_STEPS}; DDPM always runs all {pipe.diffusion.T})",
                                   elem_id="steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.5, label="Guidance scale", elem_id="guidance")
                 seed = gr.Textbox(value="-1", label="Seed (-1: random)", max_lines=1, elem_id="seed")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from models.text_encoder import MAX_TOKENS
 
-SAMPLER_CHOICES = [("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"), ("DDPM (always all steps)", "ddpm")]
+SAMPLER_CHOICES = [("DPM-Solver++ SDE (2M)", "dpmpp_sde"), ("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"),
+                   ("DDPM (always all steps)", "ddpm")]
 MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 200, 20.0, 2 ** 31 - 1
 MAX_PROMPT_CHARS = 1000
 READ_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS  # a prompt is cut to this many characters before it is cleaned

@@ -16,13 +16,14 @@ from pathlib import Path
 from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
 from gradio_client import Client
 
+from pipeline import DEFAULT_SAMPLER
 from tests.webserver import web_server
 
 
 def timed_request(client: Client, n: int, steps: int, seed: int, timeout_s: float = 300) -> tuple[float, float]:
     """(seconds to the first preview, seconds to the final gallery) for one request."""
     start = time.perf_counter()
-    job = client.submit("red apple", n, steps, "dpmpp", 3.0, seed, api_name="/generate")
+    job = client.submit("red apple", n, steps, DEFAULT_SAMPLER, 3.0, seed, api_name="/generate")
     first = None
     while not job.done() and time.perf_counter() - start < timeout_s:
         if first is None and any(isinstance(out[2], str) for out in job.outputs()):

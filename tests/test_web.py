@@ -69,7 +69,7 @@ def test_random_seed_is_reported_and_reproduces(client):
     (("sun", 2, 0, "dpmpp", 3.0, 0), "steps must be a whole number from 1 to"),
     (("sun", MAX_IMAGES + 1, 10, "dpmpp", 3.0, 0), "number of images must be a whole number from 1 to 16"),
     (("sun", 2, 10, "dpmpp", 3.0, "abc"), "seed must be a whole number"),
-    (("sun", 2, 10, "euler", 3.0, 0), "sampler must be one of dpmpp, ddim, ddpm"),
+    (("sun", 2, 10, "euler", 3.0, 0), "sampler must be one of dpmpp_sde, dpmpp, ddim, ddpm"),
     (("sun", 2, 10, "dpmpp", 25.0, 0), "guidance scale must be a number from 0 to 20"),
     (("sun", 2, 10, "dpmpp", "lots", 0), "guidance scale must be a number from 0 to 20"),
 ])

@@ -28,7 +28,7 @@ from web_guard import WebGuard
 # every refusal names the input and what is accepted
 CLEAR_MESSAGES = re.compile(r"the prompt is empty|the prompt must be text|number of images must be a whole number "
                             r"from 1 to 16|steps must be a whole number from 1 to 200|sampler must be one of "
-                            r"dpmpp, ddim, ddpm|guidance scale must be a number from 0 to 20|seed must be a whole "
+                            r"dpmpp_sde, dpmpp, ddim, ddpm|guidance scale must be a number from 0 to 20|seed must be a whole "
                             r"number from -1 to 2147483647")
 SECRET = "TOP SECRET: must never be served"
 
@@ -68,7 +68,7 @@ VALID = {
                         st.sampled_from(["🍎 red apple 🍎", "a\u202eb\u200d", "red\x00\x1b apple", "red apple " * 300])),
     "n": st.one_of(st.integers(1, 3), st.sampled_from([16, "2", 2.0, " 1 ", "\u0663"])),
     "steps": st.one_of(st.integers(1, 4), st.sampled_from([200, "3", 3.0, "1e0"])),
-    "sampler": st.sampled_from(["dpmpp", "ddim"]),  # ddpm always runs 1000 steps: tested apart
+    "sampler": st.sampled_from(["dpmpp_sde", "dpmpp", "ddim"]),  # ddpm always runs 1000 steps: tested apart
     "guidance": st.one_of(st.floats(0, 20), st.sampled_from(["2.5", 0, 20, " 7 ", -0.0, "-0", 5e-324, "4.9e-324"])),
     "seed": st.one_of(st.integers(-1, 2 ** 31 - 1), st.sampled_from(["", " 42 ", None, "-1", 5.0, -0.0, "-0"])),
 }
@@ -76,7 +76,7 @@ INVALID = {
     "prompt": st.one_of(st.sampled_from(["", " \t\n ", "\x00\x07\x1b", "\u200b"]), JUNK.filter(lambda v: not isinstance(v, str))),
     "n": st.one_of(st.integers(-5, 0), st.integers(17, 10 ** 9), st.sampled_from([1.5, "two", "nan", "inf", True, [2], 2 ** 64, 5e-324])),
     "steps": st.one_of(st.integers(-5, 0), st.integers(201, 10 ** 9), st.sampled_from([2.5, "many", None, "-inf", {}])),
-    "sampler": st.one_of(st.sampled_from(["euler", "DDIM", "", "ddim ", None, 3]), TEXT.filter(lambda t: t not in ("dpmpp", "ddim", "ddpm"))),
+    "sampler": st.one_of(st.sampled_from(["euler", "DDIM", "", "ddim ", None, 3]), TEXT.filter(lambda t: t not in ("dpmpp_sde", "dpmpp", "ddim", "ddpm"))),
     "guidance": st.one_of(st.floats(-1e6, -1e-6), st.floats(20.001, 1e9),
                           st.sampled_from(["nan", "inf", "lots", None, [1], 10 ** 400, -10 ** 400, True, -5e-324])),
     "seed": st.one_of(st.integers(-10 ** 6, -2), st.integers(2 ** 31, 2 ** 40),

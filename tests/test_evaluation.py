@@ -73,7 +73,8 @@ def test_evaluate_scores_a_perfect_model_one_and_a_shifted_one_near_zero(emoji_d
     rows = evaluate(perfect, emoji_data, [("dpmpp", 7)], num_prompts=60, batch=25)
     real, model = rows
     assert (real.sampler, model.sampler, model.steps) == ("real", "dpmpp", 7)
-    assert real.top1 > 0.95 and model.top1 > 0.95 and model.top5 > 0.95 and model.top1_16px > 0.9
+    assert 0.75 < real.top1 < 1 and real.top1_16px > 0.8, "nudged real images: a ceiling that can fall short of 1"
+    assert model.top1 > 0.95 and model.top5 > 0.95 and model.top1_16px > 0.9
     assert model.heldout_top1 > 0.95 and model.heldout_top1_16px > 0.9
     assert [c[0] for c in perfect.calls[:3]] == [25, 25, 10] and [c[3] for c in perfect.calls[:3]] == [0, 25, 50]
     assert sum(c[0] for c in perfect.calls[3:]) > 50, "held-out rewordings of most picked images"

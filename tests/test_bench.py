@@ -81,3 +81,17 @@ def test_web_latency(tmp_path):
     lines = check_table(doc, "web-latency", "images")
     first, total = map(float, lines[2].split("|")[2:4])
     assert len(lines) == 3 and 0 < first <= total
+
+
+def test_every_number_in_the_benchmark_summary_comes_from_a_measured_table():
+    """The summary quotes results; each number in its result column must appear in a table written by a
+    command (a bench section of benchmarks.md, or an evaluate.py output in docs/evaluation*.md)."""
+    import re
+    docs = ROOT / "docs"
+    text = (docs / "benchmarks.md").read_text()
+    summary = text.split("<!-- summary -->")[1].split("<!-- /summary -->")[0]
+    measured = text.split("<!-- /summary -->")[1] + "".join(p.read_text() for p in docs.glob("evaluation*.md"))
+    rows = [line.split("|") for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    quoted = {n for row in rows for n in re.findall(r"\d+\.\d+", row[2])}
+    assert quoted, "the summary quotes measured numbers"
+    assert not sorted(n for n in quoted if n not in measured), "numbers quoted without a measured table"

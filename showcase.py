@@ -7,10 +7,11 @@ from pathlib import Path
 
 from checkpoints import ModelFileError
 from diffusion import SAMPLERS, sampler_steps
-from pipeline import Pipeline
+from pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from plot_func import DenoisingRecorder, ensure_dir, forward_diffusion_strip, grid_image, plot_loss, save_png, to_uint8
 
-SHOWCASE_PROMPTS = ("red apple", "tropical fish", "rocket", "grinning face")
+# The original project's README prompts first (two are rewordings, not emoji names), then emoji names
+SHOWCASE_PROMPTS = ("red apple", "golden retriever", "sunset over mountains", "tropical fish", "rocket", "grinning face")
 
 
 def slug(prompt: str) -> str:
@@ -18,7 +19,7 @@ def slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_") or "prompt"
 
 
-def showcase(pipe, data, out_dir, prompts=SHOWCASE_PROMPTS, n: int = 8, sampler: str = "dpmpp", steps: int = 25,
+def showcase(pipe, data, out_dir, prompts=SHOWCASE_PROMPTS, n: int = 8, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              guidance: float = 3.0, seed: int = 0) -> list[Path]:
     """forward_diffusion.png, loss.png (from the model's saved history), and per prompt a batch
     final_<prompt>.png and its denoising animation <prompt>_generation.gif. Returns the files written."""
@@ -52,8 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default="output_ImageNet", help="where the files go")
     p.add_argument("--prompts", nargs="+", default=list(SHOWCASE_PROMPTS), help="one batch and GIF per prompt")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--sampler", default="dpmpp", choices=sorted(SAMPLERS), help="dpmpp: DPM-Solver++(2M)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS),
+                   help="dpmpp_sde: SDE-DPM-Solver++(2M); dpmpp: DPM-Solver++(2M)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--device", default="auto", help='"auto" (CUDA, MPS, CPU) or a torch device')

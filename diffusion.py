@@ -3,17 +3,22 @@
 `GaussianDiffusion` owns the schedule (q_sample, posterior, losses). Samplers are plain
 functions of a denoiser `denoiser(x_t, t) -> model output` (predicted noise, plus the
 Improved-DDPM variance channels when the model learns them); they never redo schedule math.
+Image-to-image and inpainting work around any sampler (`edit_sample`: a start from q_sample at t0,
+and `inpaint_denoiser`, a denoiser wrapper), not inside each.
 """
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 
 from models.text_encoder import concat_conditions
 
+# denoiser(x_t, t) -> model output; it may update x_t in place first (inpainting's resampling does), and the
+# samplers read x_t only after calling it
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]  # (step index, x_t, predicted x_0)
+Generators = Optional[torch.Generator | Sequence[torch.Generator]]  # one for the batch, or one per image
 
 
 # --- noise schedules ---------------------------------------------------------------------------
@@ -181,6 +186,26 @@ class GaussianDiffusion:
             loss = loss + vlb_weight * self.T * self.vlb_term(frozen, x0.float(), x_t.float(), t)
         return loss
 
+    def first_timestep(self, start: str = "T", t_start: Optional[int] = None, min_lambda: float = -5.0) -> int:
+        """Where the step list of `timesteps` starts: t_start (default T-1), lowered to the log-SNR floor with
+        start="floor"."""
+        top = self.T - 1 if t_start is None else t_start
+        if not 0 <= top <= self.T - 1:
+            raise ValueError(f"t_start must be between 0 and {self.T - 1}, got {t_start}")
+        if start == "floor":
+            return min(top, int((self.lambdas - min_lambda).abs().argmin()))
+        if start != "T":
+            raise ValueError(f"unknown start {start!r}; choose 'T' or 'floor'")
+        return top
+
+    def strength_timestep(self, strength: float) -> Optional[int]:
+        """Image-to-image strength in [0, 1] -> the timestep t0 = strength * T the input is noised to (at most
+        T-1, where the input is all but gone: alpha_{T-1} ~ 0.002 on the cosine schedule); None for 0,
+        which leaves the input as it is."""
+        if not 0 <= strength <= 1:  # also refuses NaN
+            raise ValueError(f"strength must be between 0 and 1, got {strength}")
+        return None if strength == 0 else min(self.T - 1, round(strength * self.T))
+
     def timesteps(self, steps: int, spacing: str = "logsnr", min_lambda: float = -5.0, start: str = "T",
                   t_start: Optional[int] = None) -> list[int]:
         """`steps` distinct timesteps from the first one down to 0 for the few-step samplers.
@@ -196,13 +221,7 @@ class GaussianDiffusion:
         `t_start` truncates the list further (image-to-image from x_t0 = q_sample(x_0, t0)); the
         default, T-1, gives exactly the full list.
         """
-        top = self.T - 1 if t_start is None else t_start
-        if not 0 <= top <= self.T - 1:
-            raise ValueError(f"t_start must be between 0 and {self.T - 1}, got {t_start}")
-        if start == "floor":
-            top = min(top, int((self.lambdas - min_lambda).abs().argmin()))
-        elif start != "T":
-            raise ValueError(f"unknown start {start!r}; choose 'T' or 'floor'")
+        top = self.first_timestep(start, t_start, min_lambda)
         if not 1 <= steps <= top + 1:
             raise ValueError(f"steps must be between 1 and {top + 1}, got {steps}")
         if spacing == "uniform":
@@ -224,8 +243,18 @@ def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn(shape, generator: Generators = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) noise. With one generator per image (shape[0] of them), image k's noise comes from generator k
+    alone, so it does not depend on the batch it is drawn in: any image of a batch can be redrawn alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}; give one per image")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 DYNAMIC_PERCENTILE = 0.995  # Imagen's p: the scale s is this quantile of |x_0| in each sample
@@ -262,11 +291,12 @@ def _schedule_floats(diffusion: GaussianDiffusion, ts: list[int]) -> tuple[list[
 
 @torch.no_grad()
 def ddpm_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: Optional[int] = None,
-                generator: Optional[torch.Generator] = None, callback: Callback = None, clip_x0=False):
-    """Ancestral sampling through all T steps of p(x_{t-1} | x_t)."""
-    if steps not in (None, diffusion.T):
-        raise ValueError(f"DDPM runs all {diffusion.T} steps; got steps={steps}")
-    for i, t in enumerate(range(diffusion.T - 1, -1, -1)):
+                generator: Generators = None, callback: Callback = None, clip_x0=False, t_start: Optional[int] = None):
+    """Ancestral sampling through all T steps of p(x_{t-1} | x_t), or all t_start + 1 from x = x_{t_start}."""
+    top = diffusion.first_timestep(t_start=t_start)
+    if steps not in (None, top + 1):
+        raise ValueError(f"DDPM runs all {top + 1} steps; got steps={steps}")
+    for i, t in enumerate(range(top, -1, -1)):
         tt = _tvec(t, x)
         mean, log_var, x0 = diffusion.p_mean_variance(denoiser(x, tt), x, tt)
         if clip_x0:  # the posterior mean must see the clipped x_0
@@ -283,7 +313,7 @@ def ddpm_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tenso
 
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int = 50,
-                generator: Optional[torch.Generator] = None, callback: Callback = None,
+                generator: Generators = None, callback: Callback = None,
                 clip_x0=False, eta: float = 0.0, spacing: str = "logsnr", start: str = "T",
                 t_start: Optional[int] = None):
     """DDIM (Song et al. 2021): eta=0 is the deterministic ODE-like sampler, eta=1 is DDPM-like."""
@@ -305,7 +335,7 @@ def ddim_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tenso
 
 @torch.no_grad()
 def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int = 20,
-                    generator: Optional[torch.Generator] = None, callback: Callback = None, clip_x0=False,
+                    generator: Generators = None, callback: Callback = None, clip_x0=False,
                     spacing: str = "logsnr", start: str = "T", t_start: Optional[int] = None):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in lambda = log(alpha / sigma).
 
@@ -334,7 +364,7 @@ def dpmpp_2m_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.T
 
 @torch.no_grad()
 def dpmpp_2m_sde_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int = 25,
-                        generator: Optional[torch.Generator] = None, callback: Callback = None, clip_x0=False,
+                        generator: Generators = None, callback: Callback = None, clip_x0=False,
                         solver: str = "midpoint", spacing: str = "logsnr", start: str = "T",
                         t_start: Optional[int] = None):
     """SDE-DPM-Solver++(2M) (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde with eta=1).
@@ -374,9 +404,12 @@ def dpmpp_2m_sde_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, x: tor
 SAMPLERS = {"dpmpp": dpmpp_2m_sample, "dpmpp_sde": dpmpp_2m_sde_sample, "ddim": ddim_sample, "ddpm": ddpm_sample}
 
 
-def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[int]) -> int:
-    """Model evaluations the named sampler will make: DDPM always takes all T steps."""
-    return diffusion.T if sampler == "ddpm" else (25 if steps is None else steps)
+def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[int], t_start: Optional[int] = None) -> int:
+    """Model evaluations the named sampler will make: DDPM always takes all T steps (t_start + 1 from t_start);
+    the others `steps`, and from a t_start (image-to-image) at most one per timestep, t_start + 1."""
+    top = diffusion.first_timestep(t_start=t_start)
+    steps = 25 if steps is None else steps
+    return top + 1 if sampler == "ddpm" else (steps if t_start is None else min(steps, top + 1))
 
 
 def native_bf16(device) -> bool:
@@ -400,22 +433,120 @@ def fast_denoiser(denoiser: Denoiser, x: torch.Tensor, precision: str = "auto") 
     return run
 
 
+# RePaint's default U, resampling cycles per step (U model evaluations each): on the shipped model, half an emoji
+# inpainted with plain replacement (U = 1) often does not match the kept half; with 10 the two make one glyph.
+RESAMPLE = 10
+
+
+def inpaint_denoiser(denoiser: Denoiser, diffusion: GaussianDiffusion, known: torch.Tensor, mask: torch.Tensor,
+                     noise: torch.Tensor, resample: int = 1, timesteps: Sequence[int] = (),
+                     generator: Generators = None, clip_x0=False) -> Denoiser:
+    """RePaint (Lugmayr et al. 2022) around a noise-predicting denoiser, so that every sampler inpaints.
+
+    `mask` is 1 where to generate and 0 where to keep `known` (broadcastable to it). Replacement: the network sees
+    the kept region as `known` noised to the current level, alpha_t known + sigma_t noise (one noise draw for all
+    steps, so the ODE samplers see a smooth path), next to the sampler's own x_t in the generated region. In the
+    kept region the denoiser returns the noise that makes the sampler's x_0 estimate `known`, so previews show it;
+    `edit_sample` pastes the exact pixels back at the end.
+
+    Replacement alone conditions the generated region only weakly: information about the kept pixels reaches the
+    network as noisy as x_t, and early steps commit to content before it is legible (on a 2-D Gaussian with
+    correlation 0.8 it moves the generated coordinate a fifth of the way from its marginal to its conditional
+    distribution). Resampling fixes this by mixing: with `resample` = U > 1, before each of its predictions the
+    generated region of the sampler's x_t is U - 1 times taken down to the next timestep of `timesteps` (the
+    sampler's step list) by the DDPM posterior and noised back up by the forward process, with freshly noised
+    kept pixels each time. Those cycles update x_t in place (the samplers read x_t after calling their denoiser)
+    and cost U model evaluations per step."""
+    alphas, sigmas = (v.to(device=known.device, dtype=known.dtype) for v in (diffusion.alphas, diffusion.sigmas))
+    shape = (-1, *([1] * (known.dim() - 1)))
+    c = known.shape[1]
+    following = dict(zip(timesteps, timesteps[1:]))  # each timestep's next one, where resampling goes down to
+
+    def shown(x, alpha, sigma, z):  # what the network sees: the kept region replaced
+        return mask * x + (1 - mask) * (alpha * known + sigma * z)
+
+    def cycle(x, t, s):  # one RePaint resampling of the generated region: down to s, then back up to t
+        a_t, a_s = diffusion.alphas_cumprod[t].item(), diffusion.alphas_cumprod[s].item()
+        alpha, sigma, r2 = math.sqrt(a_t), math.sqrt(1 - a_t), a_t / a_s
+        x_t = shown(x, alpha, sigma, _randn_like(x, generator))
+        x0 = threshold_x0((x_t - sigma * denoiser(x_t, _tvec(t, x))[:, :c]) / alpha, clip_x0)
+        # q(x_s | x_t, x_0) then q(x_t | x_s), in one draw: the posterior mean and variance scaled by sqrt(r2)
+        mean = math.sqrt(r2) * (math.sqrt(a_s) * (1 - r2) * x0 + math.sqrt(r2) * (1 - a_s) * x_t) / (1 - a_t)
+        var = r2 * (1 - a_s) * (1 - r2) / (1 - a_t) + 1 - r2
+        return mean + math.sqrt(var) * _randn_like(x, generator)
+
+    def denoise(x, t):
+        if resample > 1 and (s := following.get(int(t[0]))) is not None:
+            for _ in range(resample - 1):
+                x.copy_(mask * cycle(x, int(t[0]), s) + (1 - mask) * x)
+        alpha, sigma = alphas[t].view(shape), sigmas[t].view(shape)  # indexed on the device: no sync per step
+        out = denoiser(shown(x, alpha, sigma, noise), t)
+        eps = mask * out[:, :c] + (1 - mask) * ((x - alpha * known) / sigma)
+        return torch.cat([eps, out[:, c:]], dim=1)
+    return denoise
+
+
+@torch.no_grad()
+def edit_sample(denoiser: Denoiser, diffusion: GaussianDiffusion, init: torch.Tensor, noise: torch.Tensor,
+                sampler: str = "dpmpp", steps: Optional[int] = None, strength: float = 1.0,
+                mask: Optional[torch.Tensor] = None, generator: Generators = None, callback: Callback = None,
+                resample: int = RESAMPLE, **kwargs) -> torch.Tensor:
+    """Image-to-image (SDEdit, Meng et al. 2022) and inpainting around the named sampler; `noise` ~ N(0, I).
+
+    `init` (B, C, H, W in [-1, 1]) is noised to t0 = strength * T with q_sample and the sampler runs from there
+    (t_start; lowered to the log-SNR floor with start="floor"), with `steps` steps, at most t0 + 1: strength 0
+    returns the input, 1 starts from all but pure noise and so ignores it. With `mask` (1 = generate, 0 = keep)
+    the kept region is replaced at every step, with `resample` RePaint cycles (`inpaint_denoiser`), and the
+    result holds its pixels exactly."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if not (isinstance(resample, int) and resample >= 1):
+        raise ValueError(f"resample must be a whole number from 1, got {resample!r}")
+    t0 = diffusion.strength_timestep(strength)
+    if t0 is None:
+        return init.clone()
+    top = diffusion.first_timestep(kwargs.get("start", "T"), t0)
+    x = diffusion.q_sample(init, torch.full((len(init),), top), noise)
+    steps = sampler_steps(diffusion, sampler, steps, top)
+    if mask is not None:
+        ts = range(top, -1, -1) if sampler == "ddpm" else diffusion.timesteps(
+            steps, kwargs.get("spacing", "logsnr"), start=kwargs.get("start", "T"), t_start=top)
+        denoiser = inpaint_denoiser(denoiser, diffusion, init, mask, noise, resample, list(ts), generator,
+                                    kwargs.get("clip_x0", False))
+    out = SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, t_start=top, **kwargs)
+    return out if mask is None else mask * out + (1 - mask) * init
+
+
 def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str = "dpmpp", steps: Optional[int] = None,
-           generator: Optional[torch.Generator] = None, callback: Callback = None, device=None,
-           precision: str = "auto", **kwargs):
+           generator: Generators = None, callback: Callback = None, device=None,
+           precision: str = "auto", init: Optional[torch.Tensor] = None, strength: float = 1.0,
+           mask: Optional[torch.Tensor] = None, resample: int = RESAMPLE, **kwargs):
     """Draw x_T ~ N(0, I) from `generator` and run the named sampler (DDPM always takes all T steps).
 
-    `precision` is the denoiser's (see `fast_denoiser`): by default bf16 autocast on CPUs with native
-    bf16, which makes a sampling step about 1.5x faster there; "fp32" turns it off. Other keyword
-    arguments go to the sampler: clip_x0 (False, True or "dynamic"), eta (DDIM), solver (dpmpp_sde),
-    and for the few-step samplers the step list's spacing ("logsnr", "uniform") and start ("T", "floor").
+    `generator` is one torch.Generator, or one per image (see `randn`). `precision` is the denoiser's (see
+    `fast_denoiser`): by default bf16 autocast on CPUs with native bf16, which makes a sampling step about 1.5x
+    faster there; "fp32" turns it off. With `init` (an image batch of `shape`) the noise drawn serves
+    image-to-image at `strength`, and inpainting where `mask` is 1 with `resample` RePaint cycles per step (see
+    `edit_sample`). Other keyword arguments go to the sampler: clip_x0 (False, True or "dynamic"), eta (DDIM),
+    solver (dpmpp_sde), and for the few-step samplers the step list's spacing ("logsnr", "uniform") and start
+    ("T", "floor").
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-    device = device if device is not None else (generator.device if generator is not None else "cpu")
-    x = torch.randn(shape, generator=generator, device=device, dtype=kwargs.pop("dtype", torch.float32))
-    steps = sampler_steps(diffusion, sampler, steps)
+    if init is None and (mask is not None or strength != 1):
+        raise ValueError("strength and mask apply to an init image; pass init")
+    if device is None:
+        first = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
+        device = first.device if first is not None else "cpu"
+    x = randn(shape, generator, device, kwargs.pop("dtype", torch.float32))
     denoiser = diffusion.eps_denoiser(fast_denoiser(denoiser, x, precision))
+    if init is not None:
+        if tuple(init.shape) != tuple(x.shape):
+            raise ValueError(f"init has shape {tuple(init.shape)}; the batch to generate is {tuple(x.shape)}")
+        mask = None if mask is None else mask.to(x)
+        return edit_sample(denoiser, diffusion, init.to(x), x, sampler, steps, strength, mask, generator, callback,
+                           resample, **kwargs)
+    steps = sampler_steps(diffusion, sampler, steps)
     return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
 
 

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
-from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion, guided_denoiser, sample
-from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, null_condition
+from diffusion import PREDICTIONS, RESAMPLE, SCHEDULES, GaussianDiffusion, guided_denoiser, sample
+from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
 
@@ -37,18 +37,32 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition, sampler: str = "dpmpp",
-                    steps: int = 25, guidance: float = 3.0, seed: int = 0,
+                    steps: int = 25, guidance: float = 3.0, seed: int | Sequence[int] = 0,
                     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
-                    clip_x0=True, **sampler_options) -> torch.Tensor:
-    """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1]. Same seed, same images.
-    `clip_x0` (True, or "dynamic" thresholding) and `sampler_options` (e.g. start="floor") go to `sample`."""
+                    clip_x0=True, negative: Optional[TextCondition] = None, init: Optional[torch.Tensor] = None,
+                    strength: float = 1.0, mask: Optional[torch.Tensor] = None, resample: int = RESAMPLE,
+                    **sampler_options) -> torch.Tensor:
+    """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1].
+
+    Image k starts from its own generator seeded `seed + k` (or `seed[k]` given a list), so the same seed gives
+    the same images and any one of them is redrawn alone by seed + k at batch size 1. Guidance pushes away from
+    `negative` (one row, or one per image; default the empty prompt's condition). `init` (B, C, H, W in [-1, 1],
+    at the model's size), `strength`, `mask` (1 = generate, 0 = keep) and `resample`: image-to-image and
+    inpainting (see diffusion.edit_sample). `clip_x0` (True, or "dynamic" thresholding) and `sampler_options`
+    (e.g. start="floor") go to `sample`."""
     device = next(model.parameters()).device
     n, cfg = cond.tokens.shape[0], model.cfg
-    denoiser = guided_denoiser(model, cond.to(device), null_condition(n).to(device), guidance)
-    generator = torch.Generator(device).manual_seed(seed)
+    seeds = [seed + k for k in range(n)] if isinstance(seed, int) else list(seed)
+    uncond = null_condition(n) if negative is None else negative
+    if len(uncond.pooled) == 1 and n > 1:
+        uncond = uncond.index([0] * n)
+    denoiser = guided_denoiser(model, cond.to(device), uncond.to(device), guidance)
+    generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+    extra = {} if init is None else {"init": init.to(device), "strength": strength, "resample": resample,
+                                     "mask": None if mask is None else mask.to(device)}
     return sample(denoiser, diffusion, (n, cfg.in_channels, cfg.image_size, cfg.image_size), sampler, steps,
-                  generator=generator, callback=callback, device=device, clip_x0=clip_x0,
-                  **sampler_options)
+                  generator=generators, callback=callback, device=device, clip_x0=clip_x0,
+                  **extra, **sampler_options)
 
 
 @dataclass
@@ -69,10 +83,30 @@ class Pipeline:
         return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
 
     def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None,
-                 **options) -> torch.Tensor:
-        """`options` go to `generate_images` and the sampler: clip_x0, start, ..."""
-        return generate_images(self.model, self.diffusion, self.encoder(list(prompts)), sampler, steps, guidance, seed,
-                               callback, **options)
+                 negative_prompts: str | Sequence[str] = "", **options) -> torch.Tensor:
+        """Images of `prompts` (see generate_images): image k from seed + k. `negative_prompts`, one for all or one
+        per prompt, are what guidance pushes away from; "" is the plain empty-prompt guidance. `options` go to
+        `generate_images` and the sampler: init, strength, mask, resample, clip_x0, start, ..."""
+        prompts = list(prompts)
+        negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
+        negative = self.encoder(negatives) if any(p.strip() for p in negatives) else None
+        return generate_images(self.model, self.diffusion, self.encoder(prompts), sampler, steps, guidance, seed,
+                               callback, negative=negative, **options)
+
+    def morph(self, prompt_a: str, prompt_b: str, frames: int = 8, sampler="dpmpp", steps=25, guidance=3.0, seed=0,
+              callback=None, negative_prompt: str = "", **options) -> torch.Tensor:
+        """`frames` images whose text condition goes from `prompt_a` to `prompt_b` in equal steps (see
+        interpolate_conditions), all from the starting noise of `seed`, so that only the prompt changes: the first
+        and last frames are what `generate([prompt_a], seed=seed)` and `generate([prompt_b], seed=seed)` draw."""
+        if not (isinstance(frames, int) and frames >= 2):
+            raise ValueError(f"a morph needs at least 2 frames, got {frames!r}")
+        cond = interpolate_conditions(self.encoder([prompt_a]), self.encoder([prompt_b]),
+                                      [k / (frames - 1) for k in range(frames)])
+        negative = self.encoder([negative_prompt]) if negative_prompt.strip() else None
+        return generate_images(self.model, self.diffusion, cond, sampler, steps, guidance, [seed] * frames, callback,
+                               negative=negative, **options)
 
 
 def _whole(value, low: int, high: int) -> bool:

@@ -49,6 +49,38 @@ def concat_conditions(conds: Sequence[TextCondition]) -> TextCondition:
                          torch.cat([c.pooled for c in conds]))
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation of two vectors: it keeps unit vectors on the unit sphere, as the pooled embeddings
+    the model saw were. A straight line where that is undefined or needless: a zero vector (the empty prompt),
+    or (nearly) parallel ones."""
+    na, nb = a.norm(), b.norm()
+    cos = (a @ b / (na * nb)).clamp(-1, 1) if na > 0 and nb > 0 else torch.tensor(1.0)
+    if cos > 0.9995:
+        return torch.lerp(a, b, w)
+    theta = torch.acos(cos)
+    return (torch.sin((1 - w) * theta) * a + torch.sin(w * theta) * b) / torch.sin(theta)
+
+
+def interpolate_conditions(a: TextCondition, b: TextCondition, weights: Sequence[float]) -> TextCondition:
+    """One condition per weight w in [0, 1] between two prompts' conditions (one row each), for a prompt morph.
+
+    w = 0 is `a` and w = 1 is `b`, each with its own mask, so the ends draw exactly what the prompts alone do.
+    In between, the token embeddings are mixed position by position, zero-padded to a common length with the masks
+    OR-ed, and the pooled vectors are slerped. A position only one prompt has is attended from the first frame in
+    between on, at full strength: the model's context LayerNorm undoes the scaling down."""
+    if len(a.pooled) != 1 or len(b.pooled) != 1:
+        raise ValueError("interpolate_conditions takes one prompt's condition on each side")
+    both = concat_conditions([a, b])
+    (ta, tb), (ma, mb), (pa, pb) = (x.unbind(0) for x in both)
+    rows = []
+    for w in weights:
+        if not 0 <= w <= 1:
+            raise ValueError(f"interpolation weights must be between 0 and 1, got {w}")
+        rows.append((ta, ma, pa) if w == 0 else (tb, mb, pb) if w == 1 else
+                    (torch.lerp(ta, tb, w), ma | mb, slerp(pa, pb, w)))
+    return TextCondition(*(torch.stack(parts) for parts in zip(*rows)))
+
+
 def null_pair() -> tuple[torch.Tensor, torch.Tensor]:
     """The empty prompt: no tokens, zero pooled vector."""
     return torch.zeros(0, EMBED_DIM), torch.zeros(EMBED_DIM)

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from checkpoints import ModelFileError
 from diffusion import RESAMPLE, SAMPLERS, sampler_steps
-from pipeline import Pipeline
+from pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
 from preprocess import load_image
 
@@ -26,8 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text prompt; --n images of it")
     p.add_argument("--prompts-file", default=None, help="file with one prompt per line: one image per line, in order")
     p.add_argument("--n", type=int, default=8, help="number of images of --prompt")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps (DDPM always uses all T)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpmpp", help="dpmpp: DPM-Solver++(2M)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (DDPM always uses all T)")
+    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
+                   help="dpmpp_sde: SDE-DPM-Solver++(2M); dpmpp: DPM-Solver++(2M)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images; image k alone is --seed SEED+k --n 1")
     p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: nothing)")

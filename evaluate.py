@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from checkpoints import ModelFileError
-from diffusion import SAMPLERS
 from evaluation import InceptionFeatures, evaluate, markdown_table
 from pipeline import Pipeline
+from samplers import SAMPLERS
 
 
 def parser() -> argparse.ArgumentParser:

@@ -7,10 +7,11 @@ from typing import Optional
 import torch
 
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
-from diffusion import PREDICTIONS, RESAMPLE, SCHEDULES, GaussianDiffusion, guided_denoiser, sample
+from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
+from samplers import RESAMPLE, guided_denoiser, sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
 # The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):

@@ -33,10 +33,11 @@ from common import (
 )
 from PIL import Image
 
-from diffusion import GaussianDiffusion, dpmpp_2m_sample
+from diffusion import GaussianDiffusion
 from models.text_encoder import TextCondition, TextEncoder
 from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8
+from samplers import dpmpp_2m_sample
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 WORDS = ["red", "blue", "green", "small", "big", "happy", "sleepy", "shiny"]

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion as D
+import samplers as S
 from models.modules import attention
 from models.text_encoder import null_condition
 from models.unet import ConditionalUNet, UNetConfig
@@ -42,8 +43,8 @@ def test_bf16_sampling_is_close_to_fp32():
     model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval()
     diffusion = D.GaussianDiffusion.from_name("cosine", 1000)
     cond = random_condition(2)
-    denoiser = D.guided_denoiser(model, cond, null_condition(2), 3.0)
-    run = lambda precision: D.sample(denoiser, diffusion, (2, 3, 32, 32), "dpmpp", 10, precision=precision,
+    denoiser = S.guided_denoiser(model, cond, null_condition(2), 3.0)
+    run = lambda precision: S.sample(denoiser, diffusion, (2, 3, 32, 32), "dpmpp", 10, precision=precision,
                                      generator=torch.Generator().manual_seed(0), clip_x0=True)
     with torch.inference_mode():
         fp32, bf16 = run("fp32"), run("bf16")
@@ -57,7 +58,7 @@ def test_auto_precision_leaves_float64_alone():
     seen = []
     denoiser = lambda x, t: (seen.append(torch.is_autocast_enabled("cpu")), torch.zeros_like(x))[1]
     x = torch.zeros(3, 2, dtype=torch.float64)
-    D.fast_denoiser(denoiser, x, "auto")(x, torch.zeros(3, dtype=torch.long))
+    S.fast_denoiser(denoiser, x, "auto")(x, torch.zeros(3, dtype=torch.long))
     assert seen == [False]
 
 
@@ -76,7 +77,7 @@ def test_bf16_precision_runs_the_denoiser_under_autocast():
 
     def run(precision, start):
         seen.clear()
-        out = D.sample(denoiser, d, (4000, 2), "dpmpp", 10, precision=precision, start=start,
+        out = S.sample(denoiser, d, (4000, 2), "dpmpp", 10, precision=precision, start=start,
                        generator=torch.Generator().manual_seed(0))
         assert out.dtype == torch.float32
         return out, set(seen)

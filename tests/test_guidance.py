@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import diffusion as D
+import samplers as S
 from tests.gaussian_oracle import MU, SIGMA, optimal_eps
 
 # --- classifier-free guidance --------------------------------------------------------------------
@@ -31,10 +32,10 @@ def test_guidance_scale_one_is_exactly_the_conditional_model():
     model = TwoGaussians(d)
     cond, uncond = conditions(16)
     x, t = torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 1000, (16,))
-    assert torch.equal(D.guided_denoiser(model, cond, uncond, 1.0)(x, t), model(x, t, cond))
+    assert torch.equal(S.guided_denoiser(model, cond, uncond, 1.0)(x, t), model(x, t, cond))
     # and at other scales, the guided prediction is the textbook combination
     e_c, e_u = model(x, t, cond), model(x, t, uncond)
-    torch.testing.assert_close(D.guided_denoiser(model, cond, uncond, 3.0)(x, t), e_u + 3.0 * (e_c - e_u))
+    torch.testing.assert_close(S.guided_denoiser(model, cond, uncond, 3.0)(x, t), e_u + 3.0 * (e_c - e_u))
 
 
 def test_guidance_above_one_moves_samples_away_from_the_unconditional_ones():
@@ -44,7 +45,7 @@ def test_guidance_above_one_moves_samples_away_from_the_unconditional_ones():
     dist = {}
     for scale in (1.0, 2.0, 4.0):
         g = torch.Generator().manual_seed(0)
-        x = D.sample(D.guided_denoiser(model, cond, uncond, scale), d, (4000, 2), "dpmpp", 20,
+        x = S.sample(S.guided_denoiser(model, cond, uncond, scale), d, (4000, 2), "dpmpp", 20,
                      generator=g, dtype=torch.float64)
         dist[scale] = x.mean(0).norm().item()  # the unconditional samples are centred at 0
     assert dist[1.0] == pytest.approx(MU.norm().item(), abs=0.02)
@@ -66,6 +67,6 @@ def test_guidance_takes_the_variance_channels_from_the_conditional_output(scale)
     model, (cond, uncond) = VarianceChannels(), conditions(8)
     x, t = torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 1000, (8,))
     out_c, out_u = model(x, t, cond), model(x, t, uncond)
-    out = D.guided_denoiser(model, cond, uncond, scale)(x, t)
+    out = S.guided_denoiser(model, cond, uncond, scale)(x, t)
     torch.testing.assert_close(out[:, :2], out_u[:, :2] + scale * (out_c[:, :2] - out_u[:, :2]))
     assert torch.equal(out[:, 2:], out_c[:, 2:])

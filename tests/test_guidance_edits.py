@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffusion as D
+import samplers as S
 from models.text_encoder import TextCondition, interpolate_conditions, null_condition
 from pipeline import Pipeline, generate_images
 from tests.gaussian_oracle import MU, SIGMA, moment_errors, optimal_eps
@@ -19,7 +20,7 @@ ORACLE = optimal_eps(COSINE.alphas_cumprod)
 
 def edit(sampler, steps, init, seed=0, denoiser=ORACLE, **options):
     g = torch.Generator().manual_seed(seed)
-    return D.sample(denoiser, COSINE, tuple(init.shape), sampler, steps, generator=g, dtype=init.dtype, init=init,
+    return S.sample(denoiser, COSINE, tuple(init.shape), sampler, steps, generator=g, dtype=init.dtype, init=init,
                     **options)
 
 
@@ -79,16 +80,16 @@ def test_image_to_image_takes_at_most_one_step_per_timestep():
     init = torch.zeros(2, 2, dtype=torch.float64)
     edit("dpmpp", 25, init, strength=0.01, callback=lambda i, x, x0: seen.append(i))  # t0 = 10: 11 timesteps
     assert seen == list(range(11))
-    assert D.sampler_steps(COSINE, "dpmpp", 25, 10) == 11 and D.sampler_steps(COSINE, "ddpm", None, 10) == 11
+    assert S.sampler_steps(COSINE, "dpmpp", 25, 10) == 11 and S.sampler_steps(COSINE, "ddpm", None, 10) == 11
 
 
 def test_strength_and_mask_need_an_init_image_of_the_batch_shape():
     with pytest.raises(ValueError, match="pass init"):
-        D.sample(toy_eps, COSINE, (2, 2), strength=0.5)
+        S.sample(toy_eps, COSINE, (2, 2), strength=0.5)
     with pytest.raises(ValueError, match="pass init"):
-        D.sample(toy_eps, COSINE, (2, 2), mask=torch.ones(1, 2))
+        S.sample(toy_eps, COSINE, (2, 2), mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="init has shape"):
-        D.sample(toy_eps, COSINE, (2, 2), init=torch.zeros(3, 2))
+        S.sample(toy_eps, COSINE, (2, 2), init=torch.zeros(3, 2))
 
 
 # --- inpainting (RePaint) ---------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_samplers_read_x_t_after_the_denoiser_updated_it_in_place(sampler):
         x.zero_()
         return torch.zeros_like(x)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(D.SAMPLERS[sampler](to_zero, COSINE, x, 5 if sampler != "ddpm" else None), torch.zeros(4, 2))
+    assert torch.equal(S.SAMPLERS[sampler](to_zero, COSINE, x, 5 if sampler != "ddpm" else None), torch.zeros(4, 2))
 
 
 def conditional(c: float, sigma=SIGMA):
@@ -169,17 +170,17 @@ def test_resample_must_be_a_whole_number_from_one():
 
 def test_per_image_generators_draw_each_image_as_if_alone():
     gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
-    batch = D.randn((3, 2, 4, 4), gens(5, 6, 7))
+    batch = S.randn((3, 2, 4, 4), gens(5, 6, 7))
     for k, s in enumerate((5, 6, 7)):
-        assert torch.equal(batch[k:k + 1], D.randn((1, 2, 4, 4), gens(s)))
+        assert torch.equal(batch[k:k + 1], S.randn((1, 2, 4, 4), gens(s)))
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
-        D.randn((3, 2), gens(1, 2))
+        S.randn((3, 2), gens(1, 2))
 
 
 @pytest.mark.parametrize("sampler,steps,options", [("ddpm", None, {}), ("ddim", 10, {"eta": 1.0}),
                                                      ("dpmpp_sde", 10, {})])
 def test_stochastic_samplers_redraw_any_image_of_a_batch_alone(sampler, steps, options):
-    run = lambda seeds: D.sample(toy_eps, COSINE, (len(seeds), 3, 4, 4), sampler, steps,
+    run = lambda seeds: S.sample(toy_eps, COSINE, (len(seeds), 3, 4, 4), sampler, steps,
                                  generator=[torch.Generator().manual_seed(s) for s in seeds], **options)
     batch = run([10, 11, 12])
     assert torch.equal(batch[1:2], run([11])) and torch.equal(batch[2:], run([12]))

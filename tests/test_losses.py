@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import diffusion as D
+import samplers as S
 from tests.gaussian_oracle import MU, SIGMA, marginal_cov, optimal_eps
 
 
@@ -94,7 +95,7 @@ def test_a_v_model_samples_the_same_as_the_equivalent_eps_model():
         a, s = v_d.alphas[t].view(-1, 1), v_d.sigmas[t].view(-1, 1)
         return (eps_model(x, t) - s * x) / a
     for sampler in ("dpmpp", "ddim"):
-        out = [D.sample(m, d, (64, 2), sampler, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
+        out = [S.sample(m, d, (64, 2), sampler, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64,
                         precision="fp32") for m, d in ((eps_model, eps_d), (v_model, v_d))]
         torch.testing.assert_close(out[0], out[1])
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import diffusion as D
+import samplers as S
 from tests.gaussian_oracle import MU, SIGMA, exact_moment_errors, marginal_cov, moment_errors, optimal_eps
 
 N = 20_000  # standard error of each whitened covariance entry is about 0.01
@@ -19,7 +20,7 @@ CASES = [("ddpm", None, 0.015, 0.08), ("ddim", 50, 0.015, 0.15), ("dpmpp", 20, 0
 
 def run(sampler, steps, diffusion, denoiser, seed=0, n=N, **options):
     g = torch.Generator().manual_seed(seed)
-    return D.sample(denoiser, diffusion, (n, 2), sampler, steps, generator=g, dtype=torch.float64, **options)
+    return S.sample(denoiser, diffusion, (n, 2), sampler, steps, generator=g, dtype=torch.float64, **options)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -84,7 +85,7 @@ def test_same_seed_same_samples_different_seed_different(sampler, steps):
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("sampler", [partial(D.ddim_sample, eta=1.0), D.dpmpp_2m_sde_sample])
+@pytest.mark.parametrize("sampler", [partial(S.ddim_sample, eta=1.0), S.dpmpp_2m_sde_sample])
 def test_stochastic_samplers_use_the_generator(sampler):
     d = D.GaussianDiffusion.from_name("cosine")
     eps = optimal_eps(d.alphas_cumprod)
@@ -99,7 +100,7 @@ def test_callback_sees_every_step_with_x_t_and_x0(sampler, steps, calls):
     d = D.GaussianDiffusion.from_name("cosine")
     seen = []
     g = torch.Generator().manual_seed(0)
-    out = D.sample(optimal_eps(d.alphas_cumprod), d, (8, 2), sampler, steps, generator=g,
+    out = S.sample(optimal_eps(d.alphas_cumprod), d, (8, 2), sampler, steps, generator=g,
                    callback=lambda i, x, x0: seen.append((i, x.clone(), x0.clone())), dtype=torch.float64)
     assert [i for i, _, _ in seen] == list(range(calls))
     assert seen[0][1].std() > 0.5, "the first x_t is (almost) pure noise"
@@ -109,7 +110,7 @@ def test_callback_sees_every_step_with_x_t_and_x0(sampler, steps, calls):
 def test_unknown_sampler_is_a_clear_error():
     d = D.GaussianDiffusion.from_name("cosine")
     with pytest.raises(ValueError, match="unknown sampler 'euler'; choose one of"):
-        D.sample(lambda x, t: x, d, (1, 2), "euler")
+        S.sample(lambda x, t: x, d, (1, 2), "euler")
 
 
 # --- hand-computed steps: each coefficient of the update formulas pinned --------------------------
@@ -144,7 +145,7 @@ def hand_run(sampler, **options):
 def test_dpmpp_2m_step_with_unequal_step_sizes_matches_the_paper():
     """Lu et al. 2022, Algorithm 2: x_i = (s_i/s_{i-1}) x - a_i (e^{-h_i} - 1) D_i,
     D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2}, r_i = h_{i-1} / h_i, here 3 / 1."""
-    seen, out, x0_of, a, s = hand_run(D.dpmpp_2m_sample)
+    seen, out, x0_of, a, s = hand_run(S.dpmpp_2m_sample)
     x0_2 = x0_of(X_T, 2)
     x1 = s[1] / s[2] * X_T + a[1] * (1 - math.exp(-3)) * x0_2  # first step: first order
     x0_1 = x0_of(x1, 1)
@@ -161,7 +162,7 @@ def test_dpmpp_2m_step_with_unequal_step_sizes_matches_the_paper():
 def test_sde_dpmpp_2m_steps_match_the_formula(solver, w):
     """x_{i+1} = (s_{i+1}/s_i) e^{-h} x + a_{i+1} (1 - e^{-2h}) D + s_{i+1} sqrt(1 - e^{-2h}) z,
     with z the generator's draws in order."""
-    seen, out, x0_of, a, s = hand_run(D.dpmpp_2m_sde_sample, solver=solver, generator=torch.Generator().manual_seed(7))
+    seen, out, x0_of, a, s = hand_run(S.dpmpp_2m_sde_sample, solver=solver, generator=torch.Generator().manual_seed(7))
     g = torch.Generator().manual_seed(7)
     z1, z2 = (torch.randn(X_T.shape, generator=g, dtype=torch.float64) for _ in range(2))
     x0_2 = x0_of(X_T, 2)
@@ -204,7 +205,7 @@ def test_dpmpp_with_uniform_spacing_converges_at_second_order(schedule):
     2.5x per doubling), though by luck of these steps it is even more accurate at 20-80 steps."""
     d = D.GaussianDiffusion.from_name(schedule)
     eps = optimal_eps(d.alphas_cumprod)
-    errors = [exact_moment_errors(lambda x: D.dpmpp_2m_sample(eps, d, x, steps, spacing="uniform"))
+    errors = [exact_moment_errors(lambda x: S.dpmpp_2m_sample(eps, d, x, steps, spacing="uniform"))
               for steps in UNIFORM_STEPS]
     assert all(mean_err < 0.002 for mean_err, _ in errors), errors
     cov = [cov_err for _, cov_err in errors]
@@ -226,7 +227,7 @@ def test_ddim_eta_one_step_is_the_exact_posterior_of_point_mass_data():
     x_t = d.q_sample(MU[None], torch.tensor([t]), torch.tensor([[0.8, -1.5]], dtype=torch.float64))
     eps = optimal_eps(d.alphas_cumprod, MU, torch.zeros(2, 2, dtype=torch.float64))
     seen = []
-    D.ddim_sample(eps, d, x_t.repeat(N, 1), 3, torch.Generator().manual_seed(0), eta=1.0, spacing="uniform",
+    S.ddim_sample(eps, d, x_t.repeat(N, 1), 3, torch.Generator().manual_seed(0), eta=1.0, spacing="uniform",
                   t_start=t, callback=lambda i, x, x0: seen.append(x))
     x_s = seen[1]
     precision = 1 / (1 - a_s) + (a_t / a_s) / (1 - a_t / a_s)
@@ -291,7 +292,7 @@ def test_strength_zero_returns_the_input(sampler, options):
     g = torch.Generator().manual_seed(0)
     x0 = MU + torch.randn(64, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(SIGMA).T
     x_t0 = d.q_sample(x0, torch.zeros(64, dtype=torch.long), torch.randn(64, 2, generator=g, dtype=torch.float64))
-    out = D.SAMPLERS[sampler](optimal_eps(d.alphas_cumprod), d, x_t0, 1, generator=g, t_start=0, **options)
+    out = S.SAMPLERS[sampler](optimal_eps(d.alphas_cumprod), d, x_t0, 1, generator=g, t_start=0, **options)
     assert (out - x0).abs().max() < 5 * d.sigmas[0]
 
 
@@ -302,7 +303,7 @@ def test_starting_from_q_sample_at_t0_reproduces_gaussian_data(sampler, steps, m
     x0 = MU + torch.randn(N, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(SIGMA).T
     t0 = torch.full((N,), 500)
     x_t0 = d.q_sample(x0, t0, torch.randn(N, 2, generator=g, dtype=torch.float64))
-    out = D.SAMPLERS[sampler](optimal_eps(d.alphas_cumprod), d, x_t0, steps, generator=g, t_start=500)
+    out = S.SAMPLERS[sampler](optimal_eps(d.alphas_cumprod), d, x_t0, steps, generator=g, t_start=500)
     mean_err, cov_err = moment_errors(out)
     assert mean_err < mean_tol and cov_err < cov_tol, (mean_err, cov_err)
 
@@ -317,12 +318,12 @@ def test_dynamic_thresholding_on_a_hand_built_tensor():
     big = (torch.arange(201) / 100) * torch.tensor([1.0, -1.0]).repeat(101)[:201]
     big = big[torch.randperm(201, generator=torch.Generator().manual_seed(0))]
     x0 = torch.stack([small, big]).view(2, 3, 67)  # image-shaped: the quantile is over each sample's pixels
-    out = D.threshold_x0(x0.clone(), "dynamic")
+    out = S.threshold_x0(x0.clone(), "dynamic")
     assert torch.equal(out[0], x0[0])
     torch.testing.assert_close(out[1].flatten(), big.clamp(-1.99, 1.99) / 1.99)
     assert out[1].abs().max() == 1
-    assert torch.equal(D.threshold_x0(x0.clone(), True), x0.clamp(-1, 1))  # static clip, as before
-    assert torch.equal(D.threshold_x0(x0.clone(), False), x0)
+    assert torch.equal(S.threshold_x0(x0.clone(), True), x0.clamp(-1, 1))  # static clip, as before
+    assert torch.equal(S.threshold_x0(x0.clone(), False), x0)
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5), ("dpmpp", 5), ("dpmpp_sde", 5)])
@@ -330,11 +331,11 @@ def test_samplers_threshold_x0_dynamically(sampler, steps):
     """A denoiser that predicts no noise: x_0 = x_t / alpha_t, far outside [-1, 1] at high noise."""
     d = D.GaussianDiffusion.from_name("cosine")
     seen = []
-    out = D.sample(lambda x, t: torch.zeros_like(x), d, (4, 3, 8, 8), sampler, steps, clip_x0="dynamic",
+    out = S.sample(lambda x, t: torch.zeros_like(x), d, (4, 3, 8, 8), sampler, steps, clip_x0="dynamic",
                    generator=torch.Generator().manual_seed(0), callback=lambda i, x, x0: seen.append((x, x0)))
     ts = list(range(999, -1, -1)) if sampler == "ddpm" else d.timesteps(steps)
     for t, (x, x0) in zip(ts, seen):
-        torch.testing.assert_close(x0, D.threshold_x0(x / d.alphas[t].float(), "dynamic"))
+        torch.testing.assert_close(x0, S.threshold_x0(x / d.alphas[t].float(), "dynamic"))
     assert (seen[0][1].abs().amax(dim=(1, 2, 3)) == 1).all()
     assert out.abs().max() <= 1  # the last step lands on the thresholded x_0 (DDPM: its posterior mean uses it)
 
@@ -343,7 +344,7 @@ def test_samplers_threshold_x0_dynamically(sampler, steps):
 def test_unknown_clip_x0_is_a_clear_error(bad):
     d = D.GaussianDiffusion.from_name("cosine")
     with pytest.raises(ValueError, match="unknown clip_x0"):
-        D.sample(lambda x, t: x, d, (1, 2), "dpmpp", 2, clip_x0=bad)
+        S.sample(lambda x, t: x, d, (1, 2), "dpmpp", 2, clip_x0=bad)
 
 
 # --- every numeric range check accepts its ends and refuses one past them --------------------------
@@ -373,22 +374,22 @@ def test_sampler_range_checks_at_both_ends():
     zero = lambda x, t: torch.zeros_like(x)
     x = torch.zeros(1, 2)
     for steps in (None, 1000):
-        assert D.ddpm_sample(zero, d, x, steps).shape == (1, 2)
+        assert S.ddpm_sample(zero, d, x, steps).shape == (1, 2)
     for steps in (999, 1001):
         with pytest.raises(ValueError, match="DDPM runs all 1000 steps"):
-            D.ddpm_sample(zero, d, x, steps)
+            S.ddpm_sample(zero, d, x, steps)
     for name in ("ddim", "dpmpp", "dpmpp_sde"):
         for steps in (1, 1000):
-            assert D.sample(zero, d, (1, 2), name, steps).shape == (1, 2)
+            assert S.sample(zero, d, (1, 2), name, steps).shape == (1, 2)
         for steps in (0, 1001):  # 0 is refused, not taken for the default
             with pytest.raises(ValueError, match="steps must be between 1 and 1000"):
-                D.sample(zero, d, (1, 2), name, steps)
+                S.sample(zero, d, (1, 2), name, steps)
 
 
 @pytest.mark.parametrize("call,match", [
     (lambda d: d.timesteps(5, "cosine"), "unknown spacing"),
     (lambda d: d.timesteps(5, start="top"), "unknown start"),
-    (lambda d: D.dpmpp_2m_sde_sample(lambda x, t: x, d, torch.zeros(1, 2), 5, solver="euler"), "unknown solver"),
+    (lambda d: S.dpmpp_2m_sde_sample(lambda x, t: x, d, torch.zeros(1, 2), 5, solver="euler"), "unknown solver"),
 ])
 def test_unknown_options_are_clear_errors(call, match):
     with pytest.raises(ValueError, match=match):

@@ -213,7 +213,7 @@ def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_pa
         a, b = Image.open(tmp_path / "a" / name), Image.open(tmp_path / "b" / name)
         assert a.size == (16, 16) and a.tobytes() == b.tobytes()
     meta = Image.open(tmp_path / "a" / "0001.png").text
-    assert meta["prompt"] == "blue circle" and meta["seed"] == "7" and meta["sampler"] == "dpmpp"
+    assert meta["prompt"] == "blue circle" and meta["seed"] == "7" and meta["sampler"] == "dpmpp_sde"
     assert meta["steps"] == "5" and meta["guidance"] == "3.0" and meta["checkpoint"].endswith("best.pt")
     with Image.open(tmp_path / "a" / "process.gif") as gif:
         assert gif.n_frames == 6

@@ -15,7 +15,7 @@ def option(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """Every flag of `python diffusion.py train`; saved into each checkpoint."""
+    """Every flag of `python train.py`; saved into each checkpoint."""
     data: str = option("emoji", 'training data: "emoji" (built-in, no download), a tiny-imagenet-200 folder, or a folder of class sub-folders')
     image_size: int = option(32, 'square image size in pixels (images are resized)')
     grayscale: bool = option(False, 'train on one channel (e.g. 28x28 grayscale datasets)')

@@ -129,9 +129,11 @@ def save_results(images: torch.Tensor, recorder: DenoisingRecorder, req: Request
     shown = []
     for i, img in enumerate(images):
         pil = to_pil(img)
-        save_png(pil, folder / f"{i:04d}.png", {**meta, "index": i})
-        save_png(upscale(pil, scale), folder / f"{i:04d}_x{scale}.png", {**meta, "index": i, "upscale": scale})
-        shown.append((str(folder / f"{i:04d}_x{scale}.png"), f"#{i} · seed {req.seed}"))
+        # image i of a batch is drawn from seed + i: that seed alone, at batch size 1, redraws it
+        own = {**meta, "index": i, "image_seed": req.seed + i}
+        save_png(pil, folder / f"{i:04d}.png", own)
+        save_png(upscale(pil, scale), folder / f"{i:04d}_x{scale}.png", {**own, "upscale": scale})
+        shown.append((str(folder / f"{i:04d}_x{scale}.png"), f"#{i} · seed {req.seed + i}"))
     gif = folder / "process.gif"
     recorder.save(gif)
     for old in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name[:1].isdigit())[:-KEEP_RESULTS]:

@@ -41,6 +41,9 @@ def test_same_seed_same_images_and_the_gif_has_one_frame_per_streamed_preview(cl
         runs.append(pixels(gallery))
     assert all(np.array_equal(a, b) for a, b in zip(*runs))
     assert not np.array_equal(runs[0][0], runs[0][1])  # two different images in one batch
+    assert [item["caption"] for item in gallery] == ["#0 · seed 1234", "#1 · seed 1235"]
+    alone, *_ = client.predict("red apple", 1, 12, "dpmpp", 3.0, 1235, api_name="/generate")
+    assert np.abs(pixels(alone)[0].astype(int) - runs[0][1].astype(int)).max() <= 1, "image #1 redrawn alone from its seed"
 
 
 def test_different_seed_different_images_and_png_metadata(client, server):

@@ -1,7 +1,7 @@
 """What a user of `python web.py` waits for: the first streamed preview and the finished batch.
 
 Starts web.py on 127.0.0.1 with the shipped model (or --checkpoint), then for each batch size submits
-/generate through gradio_client, DPM-Solver++ 25 steps, guidance 3, and times from submit to the first
+/generate through gradio_client, the app's default sampler (SDE-DPM-Solver++(2M)) at 25 steps, guidance 3, and times from submit to the first
 output carrying a preview frame, and to the finished gallery (PNGs and GIF written). One warm-up
 request, then --rounds rounds; medians. Includes the HTTP/queue round trips a browser also pays.
 
@@ -53,7 +53,7 @@ def main(argv=None) -> str:
             rows.append([n, f"{first:.2f}", f"{total:.2f}"])
             print(rows[-1])
     body = table(["images", "first preview s", "finished batch s"], rows)
-    notes = (f"DPM-Solver++ {args.steps} steps, guidance 3 (conditional and unconditional halves in one batch), "
+    notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, guidance 3 (conditional and unconditional halves in one batch), "
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included).")
     print(body + "\n\n" + notes)

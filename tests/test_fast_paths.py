@@ -89,3 +89,13 @@ def test_bf16_precision_runs_the_denoiser_under_autocast():
     # Why start="floor" exists: at t = T-1 the x_0 estimate multiplies the denoiser's error by
     # sigma/alpha ~ e^10, so bf16 rounding alone moves the deterministic samples ~100x more (measured 0.15).
     assert (run("fp32", "T")[0] - run("bf16", "T")[0]).abs().mean() > 20 * diff
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_uses_bf16_exactly_on_cpus_with_native_bf16(native, monkeypatch):
+    monkeypatch.setattr(S, "native_bf16", lambda device: native)
+    seen = []
+    denoiser = lambda x, t: (seen.append(torch.is_autocast_enabled("cpu")), torch.zeros_like(x))[1]
+    x = torch.zeros(3, 2)
+    S.fast_denoiser(denoiser, x, "auto")(x, torch.zeros(3, dtype=torch.long))
+    assert seen == [native]

@@ -151,6 +151,7 @@ def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, in
     pick, others = order[:num_prompts], order[num_prompts:2 * num_prompts]
     prompts = [data.captions[i][0] for i in pick]
     heldout = heldout_prompts(data, pick, seed)
+    held_idx, held_asked = [i for i, _ in heldout], [p for _, p in heldout]
     extractor = extractor or RandomConvFeatures(real.shape[1])
     real_features = features(extractor, real)
 
@@ -165,18 +166,17 @@ def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, in
         return torch.cat([pipe.generate(asked[i:i + batch], sampler, steps, guidance, seed + i, **(sampler_options or {}))
                           for i in range(0, len(asked), batch)] or [real[:0]]).float().cpu()
 
-    near_copies = nudged(real[others])
-    own = rates(near_copies, [data.captions[i][0] for i in others], data.captions)
-    held_real = rates(nudged(real[[i for i, _ in heldout]]), [p for _, p in heldout], data.heldout)
+    own = rates(nudged(real[others]), [data.captions[i][0] for i in others], data.captions)
+    held_real = rates(nudged(real[held_idx]), held_asked, data.heldout)
     rows = [EvalRow("real", 0, *own, held_real[0], held_real[2],
                     frechet_distance(features(extractor, real[others]), real_features), 0.0)]
     for sampler, steps in settings:
         start = time.perf_counter()
         generated = generate(prompts, sampler, steps)
         seconds = (time.perf_counter() - start) / len(prompts)
-        reworded = generate([p for _, p in heldout], sampler, steps)
+        reworded = generate(held_asked, sampler, steps)
         top1, top5, top1_16 = rates(generated, prompts, data.captions)
-        held = rates(reworded, [p for _, p in heldout], data.heldout)
+        held = rates(reworded, held_asked, data.heldout)
         fd = frechet_distance(features(extractor, generated), real_features)
         rows.append(EvalRow(sampler, steps, top1, top5, top1_16, held[0], held[2], fd, seconds))
     return rows

@@ -11,12 +11,9 @@ from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
-from samplers import RESAMPLE, guided_denoiser, sample
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, guided_denoiser, sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
-# The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
-# the stochastic solver's fresh noise corrects errors an ODE solver carries to the end.
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_sde", 25
 # A model file's config is checked before anything is allocated: each size within these bounds (so that even
 # building the model on the meta device to count its parameters is quick), then the count itself.
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the shipped model has 6M
@@ -37,8 +34,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition, sampler: str = "dpmpp",
-                    steps: int = 25, guidance: float = 3.0, seed: int | Sequence[int] = 0,
+def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition,
+                    sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float = 3.0, seed: int | Sequence[int] = 0,
                     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                     clip_x0=True, negative: Optional[TextCondition] = None, init: Optional[torch.Tensor] = None,
                     strength: float = 1.0, mask: Optional[torch.Tensor] = None, resample: int = RESAMPLE,
@@ -83,7 +80,7 @@ class Pipeline:
         cfg = self.model.cfg
         return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
 
-    def generate(self, prompts: Sequence[str], sampler="dpmpp", steps=25, guidance=3.0, seed=0, callback=None,
+    def generate(self, prompts: Sequence[str], sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=3.0, seed=0, callback=None,
                  negative_prompts: str | Sequence[str] = "", **options) -> torch.Tensor:
         """Images of `prompts` (see generate_images): image k from seed + k. `negative_prompts`, one for all or one
         per prompt, are what guidance pushes away from; "" is the plain empty-prompt guidance. `options` go to

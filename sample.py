@@ -10,10 +10,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from checkpoints import ModelFileError
-from pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from pipeline import Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
 from preprocess import load_image
-from samplers import RESAMPLE, SAMPLERS, sampler_steps
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, SAMPLERS, sampler_steps
 
 IMG2IMG_STRENGTH = 0.75  # --init-image without --mask: keeps the layout and colours, redraws the details
 

@@ -13,6 +13,10 @@ import torch
 from diffusion import Callback, Denoiser, GaussianDiffusion, Generators
 from models.text_encoder import concat_conditions
 
+# The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
+# the stochastic solver's fresh noise corrects errors an ODE solver carries to the end.
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_sde", 25
+
 # --- samplers: plain functions of a denoiser ----------------------------------------------------
 
 def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +179,7 @@ def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[in
     """Model evaluations the named sampler will make: DDPM always takes all T steps (t_start + 1 from t_start);
     the others `steps`, and from a t_start (image-to-image) at most one per timestep, t_start + 1."""
     top = diffusion.first_timestep(t_start=t_start)
-    steps = 25 if steps is None else steps
+    steps = DEFAULT_STEPS if steps is None else steps
     return top + 1 if sampler == "ddpm" else (steps if t_start is None else min(steps, top + 1))
 
 
@@ -236,7 +240,7 @@ def inpaint_denoiser(denoiser: Denoiser, diffusion: GaussianDiffusion, known: to
         a_t, a_s = diffusion.alphas_cumprod[t].item(), diffusion.alphas_cumprod[s].item()
         alpha, sigma, r2 = math.sqrt(a_t), math.sqrt(1 - a_t), a_t / a_s
         x_t = shown(x, alpha, sigma, _randn_like(x, generator))
-        x0 = threshold_x0((x_t - sigma * denoiser(x_t, _tvec(t, x))[:, :c]) / alpha, clip_x0)
+        x0 = _predict_x0(denoiser, x_t, _tvec(t, x), alpha, sigma, clip_x0)
         # q(x_s | x_t, x_0) then q(x_t | x_s), in one draw: the posterior mean and variance scaled by sqrt(r2)
         mean = math.sqrt(r2) * (math.sqrt(a_s) * (1 - r2) * x0 + math.sqrt(r2) * (1 - a_s) * x_t) / (1 - a_t)
         var = r2 * (1 - a_s) * (1 - r2) / (1 - a_t) + 1 - r2

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 from checkpoints import ModelFileError
-from pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from pipeline import Pipeline
 from plot_func import DenoisingRecorder, ensure_dir, forward_diffusion_strip, grid_image, plot_loss, save_png, to_uint8
-from samplers import SAMPLERS, sampler_steps
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sampler_steps
 
 # The original project's README prompts first (two are rewordings, not emoji names), then emoji names
 SHOWCASE_PROMPTS = ("red apple", "golden retriever", "sunset over mountains", "tropical fish", "rocket", "grinning face")

@@ -31,6 +31,7 @@ from models.unet import ConditionalUNet, UNetConfig
 from pipeline import generate_images, pick_device
 from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
 from preprocess import embed_captions, load_dataset
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from train_config import MUST_MATCH_ON_RESUME, TrainConfig, autocast_dtype, lr_lambda
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -293,8 +294,8 @@ class Trainer:
     def save_samples(self, stem: str) -> None:
         model = self.ema.module.eval()
         cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
-        recorder = DenoisingRecorder(steps=25)
-        images = generate_images(model, self.diffusion, cond, "dpmpp", 25, 3.0, seed=0, callback=recorder)
+        recorder = DenoisingRecorder(steps=DEFAULT_STEPS)
+        images = generate_images(model, self.diffusion, cond, DEFAULT_SAMPLER, DEFAULT_STEPS, 3.0, seed=0, callback=recorder)
         grid_image(to_uint8(images), scale=2).save(self.run_dir / f"{stem}.png")
         recorder.finish(images)
         recorder.save(self.run_dir / f"{stem}.gif")

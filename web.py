@@ -29,8 +29,9 @@ import torch
 from starlette.middleware import Middleware
 
 from checkpoints import ModelFileError
-from pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from pipeline import DEFAULT_MODEL, Pipeline
 from plot_func import DenoisingRecorder, save_png, to_pil, to_uint8, upscale
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_GUIDANCE,
     MAX_IMAGES,

@@ -70,7 +70,7 @@ def main(argv=None) -> str:
     for n in args.n:
         runs.append((f"`sample --n {n} --steps {args.steps}` (DPM-Solver++, guidance 3)",
                      [py, "sample.py", "--checkpoint", str(checkpoint), "--prompt", "a red apple",
-                      "--n", str(n), "--steps", str(args.steps), "--out-dir", str(tmp / f"samples{n}")]))
+                      "--n", str(n), "--steps", str(args.steps), "--sampler", "dpmpp", "--out-dir", str(tmp / f"samples{n}")]))
     for prec in args.train_precisions:
         runs.append((f"`train --batch-size {args.batch} --precision {prec}`",
                      [py, "train.py", "--data", args.data, "--cache-dir", args.cache_dir,

@@ -16,7 +16,7 @@ from pathlib import Path
 from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
 from gradio_client import Client
 
-from pipeline import DEFAULT_SAMPLER
+from samplers import DEFAULT_SAMPLER
 from tests.webserver import web_server
 
 

@@ -1,8 +1,9 @@
 """The shipped default model: loads by default, is small, safe to load, and draws what it is asked for."""
 
 from evaluation import adherence, nearest_training_images
-from pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
+from pipeline import DEFAULT_MODEL, Pipeline
 from preprocess import emoji_dataset
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 
 def test_default_model_is_a_small_safetensors_file_that_loads_without_a_flag(text_encoder):

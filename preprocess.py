@@ -98,7 +98,12 @@ def load_image(path: Path, size: int, grayscale: bool) -> torch.Tensor:
         img.draft(mode, (size, size))  # JPEGs decode at a reduced scale still >= size: far faster for big photos
         if img.width * img.height > MAX_DECODE_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels is more than the {MAX_DECODE_PIXELS:,} decoded at most")
-        img = on_white(img).convert(mode)
+        return fit_image(img, size, grayscale)
+
+
+def fit_image(img: Image.Image, size: int, grayscale: bool) -> torch.Tensor:
+    """A decoded picture -> uint8 (C, size, size): over white, centre-cropped to a square and resized (antialiased)."""
+    img = on_white(img).convert("L" if grayscale else "RGB")
     if img.size != (size, size):
         img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
     return TF.pil_to_tensor(img)

@@ -13,9 +13,7 @@ from checkpoints import ModelFileError
 from pipeline import Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
 from preprocess import load_image
-from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, SAMPLERS, sampler_steps
-
-IMG2IMG_STRENGTH = 0.75  # --init-image without --mask: keeps the layout and colours, redraws the details
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, SAMPLERS, sampler_steps
 
 
 def parser() -> argparse.ArgumentParser:

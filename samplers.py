@@ -16,6 +16,7 @@ from models.text_encoder import concat_conditions
 # The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
 # the stochastic solver's fresh noise corrects errors an ODE solver carries to the end.
 DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp_sde", 25
+IMG2IMG_STRENGTH = 0.75  # image-to-image's default: keeps the layout and colours, redraws the details
 
 # --- samplers: plain functions of a denoiser ----------------------------------------------------
 

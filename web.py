@@ -1,25 +1,21 @@
-"""The web app: type a prompt, watch the batch emerge from noise, download the images.
+"""The web app: type a prompt, watch the batch emerge from noise, download the images; or start from a picture or
+a sketch, repaint part of a picture, or morph one prompt into another.
 
-    python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password]
+    python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password] [--mcp]
 
 The model loads once; a bounded queue serves users in turn. Every input is checked on the server
-(web_checks.py), so a bad request gets a clear message and never a traceback; web_guard.py caps request
-bodies, serves only the app's own images and, with --auth, hides the API from the login page and slows
-password guessing.
+(web_checks.py), so a bad request gets a clear message and never a traceback; web_results.py streams each
+generation's previews and keeps its results; web_guard.py caps request bodies, serves only the app's own images
+and, with --auth, hides the API from the login page and slows password guessing. Each feature is a named API
+endpoint (generate, edit_image, inpaint, morph) for gradio_client, and with --mcp a Model Context Protocol tool.
 """
 import argparse
 import asyncio
-import math
 import os
-import queue
-import random
 import shutil
 import tempfile
-import threading
-import time
 import traceback
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
@@ -30,9 +26,10 @@ from starlette.middleware import Middleware
 
 from checkpoints import ModelFileError
 from pipeline import DEFAULT_MODEL, Pipeline
-from plot_func import DenoisingRecorder, save_png, to_pil, to_uint8, upscale
-from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from preprocess import fit_image
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
+    MAX_FRAMES,
     MAX_GUIDANCE,
     MAX_IMAGES,
     MAX_PROMPT_CHARS,
@@ -40,106 +37,33 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
     SAMPLER_CHOICES,
     InputError,
     Request,
+    edit_picture,
+    fraction,
+    inpaint_pictures,
+    parse_morph,
     parse_request,
 )
 from web_guard import LoginThrottle, WebGuard
+from web_results import Job, display_scale, morph_frames, result_settings, save_results, stream_generation
 
-MAX_UPLOAD = "1mb"  # Gradio's upload route, which no widget of the page uses: small, and never served back
-PREVIEW_FRAMES = 20  # previews streamed per generation (and frames of its GIF), at most
-KEEP_RESULTS = 200   # newest result folders kept on disk
+MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back as pages
+EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
-POLL_S = 0.02  # how often the page's stream checks for a new preview
-CONSUMER_TIMEOUT_S = 30  # a preview nobody collects this long means the client is gone: stop sampling
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
+MASK_COLOR = "#ff00ff"
 
 
-class Cancelled(Exception):
-    """Raised inside the sampler when its consumer has gone (Stop pressed, client disconnected)."""
-
-
-async def stream_generation(pipe: Pipeline, req: Request, scale: int) -> AsyncIterator[tuple[str, object]]:
-    """Sample in a worker thread; yield ("frame", (preview, steps done)) as they come, then
-    ("done", (uint8 images, recorder)); the last frame is the final grid.
-
-    Async, so that Stop (Gradio cancels the task) lands at once in the wait below; the sampler then
-    stops at its next step. The event loop only polls a queue, so it stays free for other users.
-    """
-    events, stop = queue.Queue(maxsize=2), threading.Event()
-
-    def put(item) -> None:
-        deadline = time.monotonic() + CONSUMER_TIMEOUT_S
-        while not stop.is_set() and time.monotonic() < deadline:
-            try:
-                return events.put(item, timeout=0.2)
-            except queue.Full:
-                pass
-        raise Cancelled
-
-    steps = pipe.diffusion.T if req.sampler == "ddpm" else req.steps
-    recorder = DenoisingRecorder(steps, PREVIEW_FRAMES, scale, on_frame=lambda *frame: put(("frame", frame)))
-    done = [0]
-
-    def each_step(i, x, x0) -> None:  # checked every step, not only per preview: Stop and disconnects act at once
-        if stop.is_set():
-            raise Cancelled
-        done[0] = i + 1
-        recorder(i, x, x0)
-
-    def work() -> None:
-        try:
-            images = to_uint8(pipe.generate([req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, each_step))
-            recorder.finish(images)
-            put(("done", (images, recorder)))
-        except Cancelled:  # logged, so an operator can see abandoned work being dropped
-            print(f"generation stopped after {done[0]} of {steps} steps: Stop pressed or the client left", flush=True)
-        except Exception as error:  # handed to the consumer, which reports it
-            try:
-                put(("error", error))
-            except Cancelled:
-                pass
-
-    threading.Thread(target=work, daemon=True, name="sampler").start()
-    try:
-        while True:
-            try:
-                kind, value = events.get_nowait()
-            except queue.Empty:
-                await asyncio.sleep(POLL_S)
-                continue
-            if kind == "error":
-                raise value
-            yield kind, value
-            if kind == "done":
-                return
-    finally:
-        stop.set()
-
-
-def display_scale(n: int, image_size: int, target_px: int = 384) -> int:
-    """Integer upscale so the preview grid is about `target_px` wide (crisp nearest-neighbour pixels)."""
-    cols = math.ceil(math.sqrt(n))
-    return max(1, target_px // (cols * (image_size + 2) + 2))
-
-
-def save_results(images: torch.Tensor, recorder: DenoisingRecorder, req: Request, model: str, out_dir: Path):
-    """Write native and display PNGs (with metadata) and the GIF into a new folder; prune old folders."""
-    folder = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{req.seed}-{random.randrange(16 ** 6):06x}"
-    folder.mkdir(parents=True)
-    meta = {**{k: v for k, v in asdict(req).items() if k not in ("n", "note")}, "model": model}
-    scale = max(1, 256 // images.shape[-1])
-    shown = []
-    for i, img in enumerate(images):
-        pil = to_pil(img)
-        # image i of a batch is drawn from seed + i: that seed alone, at batch size 1, redraws it
-        own = {**meta, "index": i, "image_seed": req.seed + i}
-        save_png(pil, folder / f"{i:04d}.png", own)
-        save_png(upscale(pil, scale), folder / f"{i:04d}_x{scale}.png", {**own, "upscale": scale})
-        shown.append((str(folder / f"{i:04d}_x{scale}.png"), f"#{i} · seed {req.seed + i}"))
-    gif = folder / "process.gif"
-    recorder.save(gif)
-    for old in sorted(p for p in out_dir.iterdir() if p.is_dir() and p.name[:1].isdigit())[:-KEEP_RESULTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return shown, str(gif)
+@dataclass
+class Work:
+    """A checked request, ready to run: the sampler call and what to save and say about its images."""
+    job: Job
+    steps: int  # sampler steps, for the progress bar
+    n: int
+    metadata: list[dict]  # one per image, into its PNG
+    captions: list[str]
+    status: str  # shown beside the progress bar
+    summary: str  # shown when it is done
+    morph: bool = False  # the GIF shows the morph, not the denoising
 
 
 def progress_html(k: int, n: int, text: str = "") -> str:
@@ -159,52 +83,217 @@ def examples(info: dict) -> list[str]:
     return list(info.get("example_prompts") or DEFAULT_EXAMPLES)[:8]
 
 
-def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: int = 1) -> gr.Blocks:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{PREVIEW_DIR_PREFIX}*"):  # left by a server that was killed mid-generation
-        shutil.rmtree(stale, ignore_errors=True)
-    image_size = pipe.model.cfg.image_size
-    model_name = Path(pipe.info.get("path", "model")).name
+class Studio:
+    """The app's work, apart from its page: checked requests -> Work -> streamed updates and saved results."""
 
-    async def generate(prompt, n, steps, sampler, guidance, seed):
+    def __init__(self, pipe: Pipeline, out_dir: Path, served: list[Path], upload_dir: str):
+        self.pipe, self.out_dir, self.served, self.upload_dir = pipe, out_dir, served, upload_dir
+        self.model_name = Path(pipe.info.get("path", "model")).name
+
+    def request(self, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Request:
+        return parse_request(prompt, n, steps, sampler, guidance, seed, self.pipe.encoder.token_count, negative_prompt)
+
+    def model_input(self, picture, grayscale: bool | None = None) -> torch.Tensor:
+        """A PIL picture fitted to the model's size, in [-1, 1], (C, H, W)."""
+        cfg = self.pipe.model.cfg
+        gray = cfg.in_channels == 1 if grayscale is None else grayscale
+        return fit_image(picture, cfg.image_size, gray).float() / 127.5 - 1
+
+    def images(self, req: Request, options: dict | None = None, extra: dict | None = None) -> Work:
+        """Work for req.n images of one prompt, image k from seed + k; `options` (init, strength, mask) edit."""
+        options = options or {}
+        t0 = self.pipe.diffusion.strength_timestep(options["strength"]) if options else None
+        steps = 0 if options and t0 is None else sampler_steps(self.pipe.diffusion, req.sampler, req.steps, t0)
+        meta = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "sampler": req.sampler,
+                "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "model": self.model_name, **(extra or {})}
+        note = f" — note: {req.note}" if req.note else ""
+        return Work(lambda callback: self.pipe.generate(
+                        [req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, callback,
+                        negative_prompts=req.negative_prompt, **options),
+                    steps, req.n, [{**meta, "index": i, "image_seed": req.seed + i} for i in range(req.n)],
+                    [f"#{i} · seed {req.seed + i}" for i in range(req.n)], f"· seed {req.seed}{note}",
+                    f"Done: {req.n} image(s) of “{req.prompt}”, seed {req.seed}, {req.sampler}, {steps} steps, "
+                    f"guidance {req.guidance:g}{note}")
+
+    def text_to_image(self, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Work:
+        return self.images(self.request(prompt, n, steps, sampler, guidance, seed, negative_prompt))
+
+    def image_to_image(self, picture, prompt, strength, n, steps, sampler, guidance, seed, negative_prompt) -> Work:
+        req = self.request(prompt, n, steps, sampler, guidance, seed, negative_prompt)
+        strength = fraction(strength, "strength")
+        init = self.model_input(edit_picture(picture, self.upload_dir))
+        return self.images(req, {"init": init.expand(req.n, -1, -1, -1), "strength": strength},
+                           {"mode": "image-to-image", "strength": strength})
+
+    def inpainting(self, picture, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Work:
+        req = self.request(prompt, n, steps, sampler, guidance, seed, negative_prompt)
+        image, mask = inpaint_pictures(picture, self.upload_dir)
+        mask = (self.model_input(mask, grayscale=True) > 0).float()[None]  # fitted as the picture is; 1 = redraw
+        if not mask.any():
+            size = self.pipe.model.cfg.image_size
+            raise InputError(f"the painted part vanishes at the model's {size}x{size} pixels (or lies outside the "
+                             "centre square the model sees): paint a larger area")
+        init = self.model_input(image).expand(req.n, -1, -1, -1)
+        return self.images(req, {"init": init, "strength": 1.0, "mask": mask, "resample": RESAMPLE},
+                           {"mode": "inpainting", "resample": RESAMPLE})
+
+    def morph(self, prompt, prompt_b, frames, steps, sampler, guidance, seed, negative_prompt) -> Work:
+        req = self.request(prompt, 1, steps, sampler, guidance, seed, negative_prompt)
+        prompt_b, frames = parse_morph(prompt_b, frames)
+        meta = {"prompt": req.prompt, "prompt_b": prompt_b, "negative_prompt": req.negative_prompt,
+                "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
+                "image_seed": req.seed, "model": self.model_name, "mode": "morph"}
+        weights = [k / (frames - 1) for k in range(frames)]
+        note = f" — note: {req.note}" if req.note else ""
+        return Work(lambda callback: self.pipe.morph(req.prompt, prompt_b, frames, req.sampler, req.steps, req.guidance,
+                                                     req.seed, callback, negative_prompt=req.negative_prompt),
+                    sampler_steps(self.pipe.diffusion, req.sampler, req.steps), frames,
+                    [{**meta, "index": k, "morph_weight": w} for k, w in enumerate(weights)],
+                    [f"{w:.0%} of the way" for w in weights], f"· seed {req.seed}{note}",
+                    f"Done: {frames} frames from “{req.prompt}” to “{prompt_b}”, seed {req.seed}{note}", morph=True)
+
+    async def respond(self, make_work, *inputs):
+        """Check the inputs (in a thread: pictures are decoded), then stream (gallery, gif, preview, status)."""
         try:
-            req = parse_request(prompt, n, steps, sampler, guidance, seed, pipe.encoder.token_count)
+            work = await asyncio.to_thread(make_work, *inputs)
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
         except Exception:  # a check of ours that failed: logged in full, and still a sentence for the client
             traceback.print_exc()
             raise gr.Error("the request could not be read; please check its inputs", print_exception=False) from None
-        total = pipe.diffusion.T if req.sampler == "ddpm" else req.steps
-        note = f" — note: {req.note}" if req.note else ""
-        yield None, None, None, progress_html(0, total, f"· seed {req.seed}{note}")
+        yield None, None, None, progress_html(0, work.steps, work.status)
         try:
-            async for update in stream_frames(req, total, note):
+            async for update in self.stream(work):
                 yield update
         except Exception as error:  # a fault of ours: logged in full here, summarised for the user
             traceback.print_exc()
             raise gr.Error(f"generation failed ({type(error).__name__}: {error}); please try again",
                            print_exception=False) from None
 
-    async def stream_frames(req: Request, total: int, note: str):
+    async def stream(self, work: Work):
         # Previews go out as PNG files of our own, not PIL images: Gradio rewrites a PIL output's cache file
         # in place, so a user still downloading an identical earlier frame would get a truncated file;
         # files are copied into the cache atomically and never rewritten. And plain values only, never
         # gr.skip(): Gradio keeps every component update a session receives for the session's lifetime.
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=PREVIEW_DIR_PREFIX) as frames:
+        scale = display_scale(work.n, self.pipe.model.cfg.image_size)
+        with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=PREVIEW_DIR_PREFIX) as frames:
             frame_path = None
-            async for kind, value in stream_generation(pipe, req, display_scale(req.n, image_size)):
+            async for kind, value in stream_generation(work.job, work.steps, scale):
                 if kind == "frame":
                     frame, done = value
                     frame_path = str(Path(frames) / f"step{done:04d}.png")
                     await asyncio.to_thread(frame.save, frame_path)
-                    yield None, None, frame_path, progress_html(done, total, f"· seed {req.seed}{note}")
+                    yield None, None, frame_path, progress_html(done, work.steps, work.status)
                 else:
                     images, recorder = value
-                    gallery, gif = await asyncio.to_thread(save_results, images, recorder, req, model_name, out_dir)
-                    # the preview keeps the final grid: the same file, so the same URL
-                    yield gallery, gif, frame_path, (f"Done: {req.n} image(s) of “{req.prompt}”, seed {req.seed}, "
-                                                     f"{req.sampler}, {total} steps, guidance {req.guidance:g}{note}")
+                    gif_frames = morph_frames(images, max(1, 256 // images.shape[-1])) if work.morph else recorder.frames
+                    gallery, gif = await asyncio.to_thread(save_results, images, gif_frames, work.metadata,
+                                                           work.captions, self.out_dir)
+                    yield gallery, gif, frame_path, work.summary  # the preview keeps the final grid: same file, URL
+
+    def reuse(self, evt: gr.SelectData):
+        """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""
+        image = evt.value.get("image") if isinstance(evt.value, dict) else None
+        found = result_settings(image.get("path") if isinstance(image, dict) else None, self.served)
+        if not {"prompt", "image_seed"} <= found.keys():
+            return [gr.skip()] * 6
+        try:  # the PNG may be anyone's upload in the cache: its text is checked like any input
+            req = parse_request(found["prompt"], 1, found.get("steps"), found.get("sampler"), found.get("guidance"),
+                                found["image_seed"], negative_prompt=found.get("negative_prompt"))
+        except InputError:
+            return [gr.skip()] * 6
+        return [req.prompt, req.negative_prompt, req.sampler, req.steps, req.guidance, str(req.seed)]
+
+
+def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: int = 1,
+              served: list[Path] | None = None, upload_dir: str | None = None) -> gr.Blocks:
+    """The page. `served`: folders whose result PNGs a click may read settings from (default: `out_dir`);
+    `upload_dir`: where Gradio stores uploads, the only place pictures are read from (default: Gradio's)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{PREVIEW_DIR_PREFIX}*"):  # left by a server that was killed mid-generation
+        shutil.rmtree(stale, ignore_errors=True)
+    studio = Studio(pipe, out_dir, served or [out_dir], upload_dir or gr.utils.get_upload_folder())
+
+    # The endpoints (their names and docstrings are the API's and the MCP tools'). Raw values arrive
+    # (preprocess=False) and are checked by web_checks with clear messages; pictures are file references.
+    async def generate(prompt: str, n: int = 4, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
+                       guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+        """Text to image: draw `n` pictures of a prompt with the diffusion model, streaming previews.
+
+        Args:
+            prompt: what to draw, e.g. "red apple" (the model knows emoji names best)
+            n: number of images, 1 to 16; image k is drawn from seed + k
+            steps: sampler steps, 1 to 200 (DDPM always runs all of its steps)
+            sampler: dpmpp_sde, dpmpp, ddim or ddpm
+            guidance: classifier-free guidance scale, 0 to 20 (1: none)
+            seed: a whole number for repeatable images, -1 for a random one
+            negative_prompt: what to steer away from ("" for nothing)
+        Returns:
+            the images, a GIF of the denoising, the last preview, and a status line with the seed used
+        """
+        async for update in studio.respond(studio.text_to_image, prompt, n, steps, sampler, guidance, seed,
+                                           negative_prompt):
+            yield update
+
+    async def edit_image(picture: dict, prompt: str, strength: float = IMG2IMG_STRENGTH, n: int = 4,
+                         steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
+                         seed: int = -1, negative_prompt: str = ""):
+        """Image to image (SDEdit): redraw a picture or a sketch to fit a prompt.
+
+        Args:
+            picture: the image editor's value: {"background": file, "layers": [...], "composite": file}; the
+                composite (else the background) is the starting picture
+            prompt: what to draw
+            strength: how much is redrawn, 0 (the picture as it is) to 1 (ignores it)
+            n: number of images, 1 to 16; image k is drawn from seed + k
+            steps: sampler steps, 1 to 200
+            sampler: dpmpp_sde, dpmpp, ddim or ddpm
+            guidance: classifier-free guidance scale, 0 to 20
+            seed: a whole number for repeatable images, -1 for a random one
+            negative_prompt: what to steer away from
+        """
+        async for update in studio.respond(studio.image_to_image, picture, prompt, strength, n, steps, sampler,
+                                           guidance, seed, negative_prompt):
+            yield update
+
+    async def inpaint(picture: dict, prompt: str, n: int = 4, steps: int = DEFAULT_STEPS,
+                      sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+        """Inpainting (RePaint): redraw only the painted part of a picture; the rest stays as it is.
+
+        Args:
+            picture: the image editor's value: {"background": the picture, "layers": [the painted mask: opaque
+                pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}
+            prompt: what to draw in the painted part
+            n: number of images, 1 to 16; image k is drawn from seed + k
+            steps: sampler steps, 1 to 200
+            sampler: dpmpp_sde, dpmpp, ddim or ddpm
+            guidance: classifier-free guidance scale, 0 to 20
+            seed: a whole number for repeatable images, -1 for a random one
+            negative_prompt: what to steer away from
+        """
+        async for update in studio.respond(studio.inpainting, picture, prompt, n, steps, sampler, guidance, seed,
+                                           negative_prompt):
+            yield update
+
+    async def morph(prompt: str, prompt_b: str, frames: int = 8, steps: int = DEFAULT_STEPS,
+                    sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+        """Prompt morph: frames whose prompt goes from one to another, all from the same starting noise; the
+        GIF plays them there and back.
+
+        Args:
+            prompt: the first frame's prompt
+            prompt_b: the last frame's prompt
+            frames: number of frames, 2 to 24
+            steps: sampler steps, 1 to 200
+            sampler: dpmpp_sde, dpmpp, ddim or ddpm
+            guidance: classifier-free guidance scale, 0 to 20
+            seed: a whole number for repeatable frames, -1 for a random one
+            negative_prompt: what to steer away from
+        """
+        async for update in studio.respond(studio.morph, prompt, prompt_b, frames, steps, sampler, guidance, seed,
+                                           negative_prompt):
+            yield update
 
     with gr.Blocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
         gr.Markdown("# Text to image diffusion\nType a prompt and watch the images emerge from noise.")
@@ -213,9 +302,31 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder="e.g. red apple", max_lines=1, elem_id="prompt")
                 gr.Examples(examples=[[e] for e in examples(pipe.info)], inputs=[prompt], label="Example prompts")
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                negative = gr.Textbox("", label="Negative prompt (what to steer away from)", max_lines=1,
+                                      placeholder="e.g. green", elem_id="negative")
+                with gr.Tabs():
+                    with gr.Tab("Text to image", id="text"):
+                        run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Tab("Image to image", id="edit"):
+                        edit_in = gr.ImageEditor(label="Start from: upload a picture or sketch one", elem_id="edit_picture",
+                                                 sources=("upload", "clipboard"), canvas_size=EDITOR_CANVAS,
+                                                 fixed_canvas=True, format="png", layers=False)
+                        strength = gr.Slider(0, 1, value=IMG2IMG_STRENGTH, step=0.05, elem_id="strength",
+                                             label="Strength: 0 keeps the picture, 1 ignores it")
+                        run_edit = gr.Button("Redraw the picture", variant="primary", elem_id="run_edit")
+                    with gr.Tab("Inpaint", id="inpaint"):
+                        inpaint_in = gr.ImageEditor(label="Upload a picture, then paint over what to redraw",
+                                                    elem_id="inpaint_picture", sources=("upload", "clipboard"),
+                                                    canvas_size=EDITOR_CANVAS, fixed_canvas=True, format="png",
+                                                    layers=False, transforms=(),
+                                                    brush=gr.Brush(colors=[MASK_COLOR], color_mode="fixed"))
+                        run_inpaint = gr.Button("Redraw the painted part", variant="primary", elem_id="run_inpaint")
+                    with gr.Tab("Morph", id="morph"):
+                        prompt_b = gr.Textbox(label="Morph into this prompt", max_lines=1, placeholder="e.g. sun",
+                                              elem_id="prompt_b")
+                        frames = gr.Number(value=8, precision=0, label=f"Frames (2 to {MAX_FRAMES})", elem_id="frames")
+                        run_morph = gr.Button("Morph", variant="primary", elem_id="run_morph")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 # plain number boxes: out-of-range values reach the server, which explains what is accepted
                 n = gr.Number(value=4, precision=0, label=f"Number of images (1 to {MAX_IMAGES})", elem_id="n")
                 sampler = gr.Dropdown(SAMPLER_CHOICES, value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
@@ -227,17 +338,22 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                 status = gr.HTML(label="Status", elem_id="status")
                 preview = gr.Image(label="Denoising (predicted images)", type="pil", format="png",
                                    interactive=False, elem_id="preview")
-                gallery = gr.Gallery(label="Images", columns=4, format="png", buttons=["download"],
-                                     elem_id="gallery")
-                gif = gr.Image(label="Denoising GIF", type="filepath", interactive=False, elem_id="gif",
-                               buttons=["download"])
-        inputs, outputs = [prompt, n, steps, sampler, guidance, seed], [gallery, gif, preview, status]
-        # preprocess=False: raw values reach parse_request, which checks them all with clear messages
-        # the button and Enter share one concurrency group, so `concurrency` bounds them together
+                gallery = gr.Gallery(label="Images (click one to reuse its prompt, seed and settings)", columns=4,
+                                     format="png", buttons=["download", "download_all"], elem_id="gallery")
+                gif = gr.Image(label="GIF (the denoising, or the morph)", type="filepath", interactive=False,
+                               elem_id="gif", buttons=["download"])
+        settings, outputs = [steps, sampler, guidance, seed, negative], [gallery, gif, preview, status]
+        # the buttons and Enter share one concurrency group, so `concurrency` bounds them together
         shared = dict(preprocess=False, concurrency_id="generate", concurrency_limit=concurrency, show_progress="hidden")
-        click = run.click(generate, inputs, outputs, api_name="generate", **shared)
-        submit = prompt.submit(generate, inputs, outputs, api_visibility="private", **shared)
-        stop.click(None, cancels=[click, submit])
+        events = [run.click(generate, [prompt, n, *settings], outputs, api_name="generate", **shared),
+                  prompt.submit(generate, [prompt, n, *settings], outputs, api_visibility="private", **shared),
+                  run_edit.click(edit_image, [edit_in, prompt, strength, n, *settings], outputs,
+                                 api_name="edit_image", **shared),
+                  run_inpaint.click(inpaint, [inpaint_in, prompt, n, *settings], outputs, api_name="inpaint", **shared),
+                  run_morph.click(morph, [prompt, prompt_b, frames, *settings], outputs, api_name="morph", **shared)]
+        stop.click(None, cancels=events)
+        gallery.select(studio.reuse, None, [prompt, negative, sampler, steps, guidance, seed], api_visibility="private",
+                       show_progress="hidden")
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
 
 
@@ -262,8 +378,12 @@ def main(argv=None) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more are told to retry")
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations run at once (1 suits a CPU: one generation already uses every core)")
+    p.add_argument("--mcp", action="store_true", help="also serve the endpoints as Model Context Protocol tools "
+                   "at /gradio_api/mcp/ (needs gradio[mcp]; not with --auth, which MCP clients cannot pass)")
     args = p.parse_args(argv)
     auth = parse_auth(args.auth)
+    if args.mcp and auth:
+        raise SystemExit("error: --mcp cannot be combined with --auth: Gradio's MCP route does not ask for the login")
     try:
         pipe = Pipeline.load(args.checkpoint, args.device)
     except ModelFileError as error:
@@ -274,12 +394,12 @@ def main(argv=None) -> None:
     # PNGs and GIFs in these two folders, as images
     cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
-    app = build_app(pipe, out_dir, args.max_queue, args.concurrency)
+    app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
     guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
                        hide_api_from_login_page=auth is not None)
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-               allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD,
+               allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
                ssr_mode=False, app_kwargs={"middleware": [guard]})  # no Node server rendering pages past the guard
 
 

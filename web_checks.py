@@ -1,21 +1,28 @@
-"""Checks on every input of a /generate request, from the page or the API (used by web.py).
+"""Checks on every input of the app's requests, from the page or the API (used by web.py).
 
-Raw values arrive as whatever a client sends (JSON numbers of any size, text, lists, null); each is checked here
-and the lot becomes a Request, or an InputError whose message names the input and what is accepted. The work
-is bounded whatever the size of the values: a long prompt is cut before it is cleaned, and messages quote at
-most a few dozen characters of what was sent.
+Raw values arrive as whatever a client sends (JSON numbers of any size, text, lists, null, file references);
+each is checked here and the lot becomes a Request (plus pictures for image-to-image and inpainting), or an
+InputError whose message names the input and what is accepted. The work is bounded whatever the size of the
+values: a long prompt is cut before it is cleaned, a picture's size is read from its header before it is
+decoded, and messages quote at most a few dozen characters of what was sent.
 """
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
 
+from PIL import Image, UnidentifiedImageError
+
 from models.text_encoder import MAX_TOKENS
+from preprocess import on_white
 
 SAMPLER_CHOICES = [("DPM-Solver++ SDE (2M)", "dpmpp_sde"), ("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"),
                    ("DDPM (always all steps)", "ddpm")]
 MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 16, 200, 20.0, 2 ** 31 - 1
 MAX_PROMPT_CHARS = 1000
+MAX_FRAMES = 24  # frames of a prompt morph
+MAX_PICTURE_SIDE = 4096  # pixels a side of an uploaded picture (the page's editor sends at most 512)
 READ_PROMPT_CHARS = 4 * MAX_PROMPT_CHARS  # a prompt is cut to this many characters before it is cleaned
 
 
@@ -31,6 +38,7 @@ class Request:
     sampler: str
     guidance: float
     seed: int
+    negative_prompt: str = ""  # what guidance steers away from ("": the empty prompt, plain guidance)
     note: str = ""  # what was changed on the way in (e.g. truncation), to show the user
 
 
@@ -70,37 +78,122 @@ def whole_number(value, name: str, low: int, high: int) -> int:
     return int(number)
 
 
-def clean_prompt(prompt) -> tuple[str, str]:
-    """(the prompt as the model gets it, a note if it was cut). Control and other non-printing characters
+def clean_text(text, name: str) -> tuple[str, str]:
+    """(the text as the model gets it, a note if it was cut). Control and other non-printing characters
     become spaces, runs of whitespace one space; only the first READ_PROMPT_CHARS characters are looked at."""
-    if not isinstance(prompt, str):
-        raise InputError(f"the prompt must be text; got {type(prompt).__name__}")
-    text = prompt[:READ_PROMPT_CHARS]  # cut first: cleaning is per character, in Python, on the event loop
-    text = re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in text)).strip()
+    if text is None:
+        return "", ""
+    if not isinstance(text, str):
+        raise InputError(f"the {name} must be text; got {type(text).__name__}")
+    cleaned = text[:READ_PROMPT_CHARS]  # cut first: cleaning is per character, in Python, on the event loop
+    cleaned = re.sub(r"\s+", " ", "".join(c if c.isprintable() else " " for c in cleaned)).strip()
+    if len(cleaned) > MAX_PROMPT_CHARS or len(text) > READ_PROMPT_CHARS:
+        return cleaned[:MAX_PROMPT_CHARS].rstrip(), f"{name} cut to its first {MAX_PROMPT_CHARS} characters"
+    return cleaned, ""
+
+
+def clean_prompt(prompt, name: str = "prompt") -> tuple[str, str]:
+    """clean_text, and an empty prompt refused."""
+    if prompt is None:
+        raise InputError(f"the {name} must be text; got NoneType")
+    text, cut = clean_text(prompt, name)
     if not text:
-        raise InputError("the prompt is empty: describe the image, e.g. \"red apple\"")
-    if len(text) > MAX_PROMPT_CHARS or len(prompt) > READ_PROMPT_CHARS:
-        return text[:MAX_PROMPT_CHARS].rstrip(), f"prompt cut to its first {MAX_PROMPT_CHARS} characters"
-    return text, ""
+        raise InputError(f"the {name} is empty: describe the image, e.g. \"red apple\"")
+    return text, cut
 
 
-def parse_request(prompt, n, steps, sampler, guidance, seed, token_count=None) -> Request:
+def parse_request(prompt, n, steps, sampler, guidance, seed, token_count=None, negative_prompt="") -> Request:
     """Check raw inputs (from the page or the API) and turn them into a Request, or raise InputError."""
     prompt, cut = clean_prompt(prompt)
-    notes = [cut] if cut else []
-    if token_count is not None and token_count(prompt) > MAX_TOKENS:
-        notes.append(f"the text encoder reads only the first {MAX_TOKENS} tokens of the prompt; the rest is ignored")
+    negative_prompt, negative_cut = clean_text(negative_prompt, "negative prompt")
+    notes = [note for note in (cut, negative_cut) if note]
+    if token_count is not None and max(token_count(prompt), token_count(negative_prompt)) > MAX_TOKENS:
+        notes.append(f"the text encoder reads only the first {MAX_TOKENS} tokens of a prompt; the rest is ignored")
     n = whole_number(n, "number of images", 1, MAX_IMAGES)
     steps = whole_number(steps, "steps", 1, MAX_STEPS)
     names = [value for _, value in SAMPLER_CHOICES]
     if not isinstance(sampler, str) or sampler not in names:
         raise InputError(f"sampler must be one of {', '.join(names)}; got {shown(sampler)}")
-    number = to_number(guidance)
-    if number is None or not 0 <= number <= MAX_GUIDANCE:
-        raise InputError(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}; got {shown(guidance)}")
+    guidance = fraction(guidance, "guidance scale", MAX_GUIDANCE)
     if seed is None or (isinstance(seed, str) and seed.strip() in ("", "-1")):
         seed = -1
     seed = whole_number(seed, "seed", -1, MAX_SEED)
     if seed == -1:
         seed = random.randint(0, MAX_SEED)
-    return Request(prompt, n, steps, sampler, float(number), seed, "; ".join(notes))
+    return Request(prompt, n, steps, sampler, guidance, seed, negative_prompt, "; ".join(notes))
+
+
+def fraction(value, name: str, high: float = 1.0) -> float:
+    """A number from 0 to `high`, or InputError."""
+    number = to_number(value)
+    if number is None or not 0 <= number <= high:
+        raise InputError(f"{name} must be a number from 0 to {high:g}; got {shown(value)}")
+    return float(number)
+
+
+# --- pictures: the editor's value (or an API client's) -------------------------------------------------
+
+def uploaded_picture(value, name: str, upload_dir: str) -> Image.Image:
+    """The picture a file reference points at, decoded, if it lies in the app's upload folder (a path anywhere
+    else is refused, whatever the client claims) and is at most MAX_PICTURE_SIDE pixels a side."""
+    path = value.get("path") if isinstance(value, dict) else None
+    if not isinstance(path, str) or "\0" in path:
+        raise InputError(f"the {name} must be an uploaded image file; got {shown(value)}")
+    real, folder = os.path.realpath(path), os.path.realpath(upload_dir)
+    if not real.startswith(folder + os.sep) or not os.path.isfile(real):
+        raise InputError(f"the {name} was not uploaded to this app; upload it first (gradio_client: handle_file)")
+    try:
+        with Image.open(real) as img:  # reads the header only
+            if max(img.size) > MAX_PICTURE_SIDE:
+                raise InputError(f"the {name} is {img.width}x{img.height} pixels; at most {MAX_PICTURE_SIDE} a side "
+                                 "is accepted (the model draws at its own small size anyway)")
+            img.load()
+            return img.copy()
+    except UnidentifiedImageError:
+        raise InputError(f"the {name} is not an image; PNG, JPEG, WebP, GIF and BMP are accepted") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise InputError(f"the {name} could not be decoded ({type(e).__name__}); please send another file") from None
+
+
+def editor_part(value, key: str):
+    part = value.get(key) if isinstance(value, dict) else None
+    return part if part not in (None, {}) else None
+
+
+def edit_picture(value, upload_dir: str) -> Image.Image:
+    """Image-to-image: what the editor shows (its composite: the upload with the strokes drawn on it, or a
+    sketch on white), as RGB."""
+    part = editor_part(value, "composite") or editor_part(value, "background")
+    if part is None:
+        raise InputError("there is no picture to start from: upload one or draw a sketch in the editor")
+    return on_white(uploaded_picture(part, "picture", upload_dir)).convert("RGB")
+
+
+def inpaint_pictures(value, upload_dir: str) -> tuple[Image.Image, Image.Image]:
+    """Inpainting: (the uploaded picture as RGB, the mask as L: 255 where to redraw). The mask is everything
+    painted on the editor's layers (alpha of 128 or more), or for a layer without alpha, its white pixels."""
+    background = editor_part(value, "background")
+    if background is None:
+        raise InputError("there is no picture to inpaint: upload one, then paint over the part to redraw")
+    picture = uploaded_picture(background, "picture", upload_dir)
+    layers = value.get("layers") or []
+    if not isinstance(layers, list) or len(layers) > 8:
+        raise InputError(f"the mask layers must be a list of at most 8 images; got {shown(layers)}")
+    mask = Image.new("L", picture.size, 0)
+    for k, layer in enumerate(layers):
+        img = uploaded_picture(layer, f"mask (layer {k + 1})", upload_dir)
+        if img.size != picture.size:
+            raise InputError(f"the mask (layer {k + 1}) is {img.width}x{img.height} pixels but the picture is "
+                             f"{picture.width}x{picture.height}; the mask must cover it pixel for pixel")
+        img = img.convert("RGBA") if img.mode == "P" else img
+        painted = img.getchannel("A") if "A" in img.getbands() else img.convert("L")
+        mask.paste(255, mask=painted.point(lambda v: 255 if v >= 128 else 0))
+    if mask.getbbox() is None:
+        raise InputError("the mask is empty: paint over the part of the picture to redraw")
+    return on_white(picture).convert("RGB"), mask
+
+
+def parse_morph(prompt_b, frames) -> tuple[str, int]:
+    """The second prompt and frame count of a prompt morph."""
+    text, _ = clean_prompt(prompt_b, "second prompt")
+    return text, whole_number(frames, "frames", 2, MAX_FRAMES)

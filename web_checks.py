@@ -107,8 +107,9 @@ def parse_request(prompt, n, steps, sampler, guidance, seed, token_count=None, n
     prompt, cut = clean_prompt(prompt)
     negative_prompt, negative_cut = clean_text(negative_prompt, "negative prompt")
     notes = [note for note in (cut, negative_cut) if note]
-    if token_count is not None and max(token_count(prompt), token_count(negative_prompt)) > MAX_TOKENS:
-        notes.append(f"the text encoder reads only the first {MAX_TOKENS} tokens of a prompt; the rest is ignored")
+    for text, name in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
+        if token_count is not None and text and token_count(text) > MAX_TOKENS:
+            notes.append(f"the text encoder reads only the first {MAX_TOKENS} tokens of the {name}; the rest is ignored")
     n = whole_number(n, "number of images", 1, MAX_IMAGES)
     steps = whole_number(steps, "steps", 1, MAX_STEPS)
     names = [value for _, value in SAMPLER_CHOICES]
@@ -149,6 +150,8 @@ def uploaded_picture(value, name: str, upload_dir: str) -> Image.Image:
                                  "is accepted (the model draws at its own small size anyway)")
             img.load()
             return img.copy()
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError(f"the {name} is not an image; PNG, JPEG, WebP, GIF and BMP are accepted") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:

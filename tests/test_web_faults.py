@@ -156,8 +156,8 @@ def test_numbers_beyond_float_or_int64_range_negative_zero_and_subnormals_are_ch
 
 
 def test_an_overflowing_number_in_raw_json_gets_a_message_not_a_null_error(client, server):
-    for body in ('{"data": ["sun", 1, 2, "dpmpp", 1%s, 0]}' % ("0" * 400), '{"data": ["sun", 1, 2, "dpmpp", 1e400, 0]}',
-                 '{"data": ["sun", 1, 2, "dpmpp", 3, 18446744073709551616]}'):
+    for body in ('{"data": ["sun", 1, 2, "dpmpp", 1%s, 0, ""]}' % ("0" * 400), '{"data": ["sun", 1, 2, "dpmpp", 1e400, 0, ""]}',
+                 '{"data": ["sun", 1, 2, "dpmpp", 3, 18446744073709551616, ""]}'):
         r = httpx.post(server.url + "gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
         events = httpx.get(server.url + f"gradio_api/call/generate/{r.json()['event_id']}", timeout=60).text
         assert "event: error" in events and CLEAR_MESSAGES.search(events), events[-300:]
@@ -258,7 +258,7 @@ def test_server_is_not_reachable_from_the_network(server):
 
 def test_no_file_outside_the_output_folder_is_served(client, server):
     gallery, *_ = generate(client, "sun", 1, 2, "dpmpp", 3.0, 0)
-    result = httpx.post(server.url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0]})
+    result = httpx.post(server.url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0, ""]})
     stream = httpx.get(server.url + f"gradio_api/call/generate/{result.json()['event_id']}", timeout=120).text
     served = re.findall(r'"url": "([^"]+)"', stream)
     assert served and httpx.get(served[0]).status_code == 200  # the probe can tell a served file
@@ -279,7 +279,7 @@ def test_no_file_outside_the_output_folder_is_served(client, server):
 def test_malformed_api_calls_are_refused_and_nothing_outside_is_copied_in(client, server):
     secret = str(server.log.parent / "secret.txt")
     file_ref = {"path": secret, "meta": {"_type": "gradio.FileData"}}
-    bad_bodies = [{"data": [file_ref, 1, 2, "dpmpp", 3.0, 0]}, {"data": ["sun", file_ref, 2, "dpmpp", 3.0, 0]},
+    bad_bodies = [{"data": [file_ref, 1, 2, "dpmpp", 3.0, 0, ""]}, {"data": ["sun", file_ref, 2, "dpmpp", 3.0, 0, ""]},
                   {"data": ["sun"]}, {"data": []}, {"data": "sun"}, {"nothing": 1}]
     for body in bad_bodies:
         r = httpx.post(server.url + "gradio_api/call/generate", json=body, timeout=30)
@@ -295,7 +295,7 @@ def test_malformed_api_calls_are_refused_and_nothing_outside_is_copied_in(client
 
 def test_auth_refuses_unauthenticated_calls(tmp_path):
     with start_server(tiny_model(tmp_path / "tiny.safetensors"), tmp_path / "out", "--auth", "ann:s3cret") as srv:
-        call = httpx.post(srv.url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0]})
+        call = httpx.post(srv.url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0, ""]})
         assert call.status_code in (401, 403), call.text
         for path in ("config", "gradio_api/info", "gradio_api/queue/status"):
             assert httpx.get(srv.url + path).status_code in (401, 403), path

@@ -27,7 +27,7 @@ def server(tmp_path_factory):
 
 
 def generated_urls(url: str) -> list[str]:
-    call = httpx.post(url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0]}, timeout=30)
+    call = httpx.post(url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0, ""]}, timeout=30)
     stream = httpx.get(url + f"gradio_api/call/generate/{call.json()['event_id']}", timeout=120).text
     return re.findall(r'"url": "([^"]+)"', stream)
 
@@ -68,7 +68,7 @@ def test_a_huge_prompt_is_cut_before_it_is_cleaned():
 
 
 def test_request_bodies_over_the_cap_are_refused_at_once_and_every_route_stays_responsive(server):
-    huge = json.dumps({"data": ["x" * 20_000_000, 1, 2, "dpmpp", 3.0, 0]})  # 20 MB, with Content-Length
+    huge = json.dumps({"data": ["x" * 20_000_000, 1, 2, "dpmpp", 3.0, 0, ""]})  # 20 MB, with Content-Length
 
     def chunks():  # no Content-Length: the body is counted as it arrives
         for _ in range(MAX_BODY_BYTES // 2 ** 16 + 8):
@@ -81,7 +81,7 @@ def test_request_bodies_over_the_cap_are_refused_at_once_and_every_route_stays_r
         start = time.monotonic()
         assert httpx.get(server.url + "config", timeout=10).status_code == 200
         assert time.monotonic() - start < 2
-    near_cap = json.dumps({"data": ["y " * (MAX_BODY_BYTES // 2 - 1000), 1, 1, "dpmpp", 3.0, 0]})  # just under it
+    near_cap = json.dumps({"data": ["y " * (MAX_BODY_BYTES // 2 - 1000), 1, 1, "dpmpp", 3.0, 0, ""]})  # just under it
     call = httpx.post(server.url + "gradio_api/call/generate", content=near_cap, timeout=60,
                       headers={"content-type": "application/json"})
     events = httpx.get(server.url + f"gradio_api/call/generate/{call.json()['event_id']}", timeout=120).text

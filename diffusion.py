@@ -115,6 +115,15 @@ class GaussianDiffusion:
         mean = self._at(self.posterior_mean_coef_x0, t, x_t) * x0 + self._at(self.posterior_mean_coef_xt, t, x_t) * x_t
         return mean, self._at(self.posterior_log_variance, t, x_t)
 
+    def q_posterior_between(self, x0: torch.Tensor, x_t: torch.Tensor, t: int, s: int) -> tuple[torch.Tensor, float]:
+        """Mean and variance of q(x_s | x_t, x_0) for any s < t (q_posterior is the case s = t - 1): with
+        r = abar_t / abar_s, mean = (sqrt(abar_s) (1 - r) x_0 + sqrt(r) (1 - abar_s) x_t) / (1 - abar_t) and
+        variance (1 - abar_s)(1 - r) / (1 - abar_t)."""
+        a_t, a_s = self.alphas_cumprod[t].item(), self.alphas_cumprod[s].item()
+        r = a_t / a_s
+        mean = (math.sqrt(a_s) * (1 - r) * x0 + math.sqrt(r) * (1 - a_s) * x_t) / (1 - a_t)
+        return mean, (1 - a_s) * (1 - r) / (1 - a_t)
+
     def p_mean_variance(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_x0: bool = False):
         """Mean, log-variance and predicted x_0 of p(x_{t-1} | x_t) from the model output.
 

@@ -238,14 +238,13 @@ def inpaint_denoiser(denoiser: Denoiser, diffusion: GaussianDiffusion, known: to
         return mask * x + (1 - mask) * (alpha * known + sigma * z)
 
     def cycle(x, t, s):  # one RePaint resampling of the generated region: down to s, then back up to t
-        a_t, a_s = diffusion.alphas_cumprod[t].item(), diffusion.alphas_cumprod[s].item()
-        alpha, sigma, r2 = math.sqrt(a_t), math.sqrt(1 - a_t), a_t / a_s
+        alpha, sigma = diffusion.alphas[t].item(), diffusion.sigmas[t].item()  # on the CPU: no device sync
         x_t = shown(x, alpha, sigma, _randn_like(x, generator))
         x0 = _predict_x0(denoiser, x_t, _tvec(t, x), alpha, sigma, clip_x0)
-        # q(x_s | x_t, x_0) then q(x_t | x_s), in one draw: the posterior mean and variance scaled by sqrt(r2)
-        mean = math.sqrt(r2) * (math.sqrt(a_s) * (1 - r2) * x0 + math.sqrt(r2) * (1 - a_s) * x_t) / (1 - a_t)
-        var = r2 * (1 - a_s) * (1 - r2) / (1 - a_t) + 1 - r2
-        return mean + math.sqrt(var) * _randn_like(x, generator)
+        # x_s ~ q(x_s | x_t, x_0), then x_t ~ q(x_t | x_s) = N(sqrt(r) x_s, (1 - r) I), in one draw
+        mean, var = diffusion.q_posterior_between(x0, x_t, t, s)
+        r = (alpha / diffusion.alphas[s].item()) ** 2
+        return math.sqrt(r) * mean + math.sqrt(r * var + 1 - r) * _randn_like(x, generator)
 
     def denoise(x, t):
         if resample > 1 and (s := following.get(int(t[0]))) is not None:

@@ -63,6 +63,23 @@ def test_posterior_matches_bayes_rule():
         torch.testing.assert_close(log_var[i].exp().squeeze(), 1 / precision)
 
 
+@pytest.mark.parametrize("t, s", [(400, 399), (999, 500), (300, 10), (50, 0)])
+def test_posterior_between_any_two_steps_is_the_gaussian_conditional(t, s):
+    """q(x_s | x_t, x_0) for s < t, against conditioning the joint Gaussian of (x_s, x_t) given x_0:
+    x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) e1 and x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) e2."""
+    d = GaussianDiffusion.from_name("cosine")
+    x0, xt = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    mean, var = d.q_posterior_between(x0, xt, t, s)
+    a_t, a_s = d.alphas_cumprod[t].double(), d.alphas_cumprod[s].double()
+    cov = (a_t / a_s).sqrt() * (1 - a_s)  # Cov(x_s, x_t | x0)
+    torch.testing.assert_close(mean, a_s.sqrt() * x0 + cov / (1 - a_t) * (xt - a_t.sqrt() * x0))
+    assert math.isclose(var, (1 - a_s - cov ** 2 / (1 - a_t)).item(), rel_tol=1e-5, abs_tol=1e-9)
+    if s == t - 1:  # the adjacent case is q_posterior
+        adjacent, log_var = d.q_posterior(x0, xt, torch.tensor([t]))
+        torch.testing.assert_close(mean, adjacent)
+        assert math.isclose(var, log_var.exp().item(), rel_tol=1e-4)
+
+
 @pytest.mark.parametrize("spacing", ["logsnr", "uniform"])
 @pytest.mark.parametrize("steps", [1, 2, 20, 50, 999, 1000])
 def test_timesteps_are_distinct_and_span_the_schedule(spacing, steps):

@@ -1,22 +1,15 @@
-"""The web app in a real browser: Debian's chromium, headless, driven by Python playwright.
+"""The web app in a real browser: Debian's chromium, headless, driven by Python playwright (tests/browser.py).
 
 By default on a tiny random model. `WEB_SCREENSHOT_SHIPPED=1` runs it on the shipped default model
 and writes the screenshot to output_ImageNet/web.png (how that showcase image is made).
 """
-import os
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.webserver import REPO, tiny_model, web_server
+from tests.browser import SHIPPED, browser_app, needs_chromium, screenshot_path, set_input
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-SHIPPED = os.environ.get("WEB_SCREENSHOT_SHIPPED") == "1"
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = needs_chromium
 
 WATCH_PREVIEW = """() => {
   window.previewSrcs = [];
@@ -35,23 +28,8 @@ WATCH_PREVIEW = """() => {
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from playwright.sync_api import sync_playwright
-    root = tmp_path_factory.mktemp("browser")
-    checkpoint = None if SHIPPED else tiny_model(root / "tiny.safetensors")
-    with web_server(checkpoint, root / "out") as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        page.locator("#generate").wait_for()
-        yield page
-        browser.close()
-
-
-def set_input(page, elem_id: str, value: str) -> None:
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=text], #{elem_id} input[type=number]").first
-    box.fill(value)
-    box.press("Tab")  # commit the value, as a user leaving the field does
+    with browser_app(tmp_path_factory.mktemp("browser")) as app:
+        yield app.page
 
 
 def test_generate_streams_previews_then_shows_the_batch(page, tmp_path):
@@ -67,7 +45,7 @@ def test_generate_streams_previews_then_shows_the_batch(page, tmp_path):
     changes_before_gallery = [n for n in page.evaluate("window.galleryAtChange") if n == 0]
     assert len(changes_before_gallery) >= 2, page.evaluate("window.previewSrcs")
     assert "seed 7" in page.locator("#status").inner_text()
-    shot = REPO / "output_ImageNet" / "web.png" if SHIPPED else tmp_path / "web.png"
+    shot = screenshot_path(tmp_path, "web.png")
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
 

@@ -93,11 +93,10 @@ class Studio:
     def request(self, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Request:
         return parse_request(prompt, n, steps, sampler, guidance, seed, self.pipe.encoder.token_count, negative_prompt)
 
-    def model_input(self, picture, grayscale: bool | None = None) -> torch.Tensor:
+    def model_input(self, picture) -> torch.Tensor:
         """A PIL picture fitted to the model's size, in [-1, 1], (C, H, W)."""
         cfg = self.pipe.model.cfg
-        gray = cfg.in_channels == 1 if grayscale is None else grayscale
-        return fit_image(picture, cfg.image_size, gray).float() / 127.5 - 1
+        return fit_image(picture, cfg.image_size, cfg.in_channels == 1).float() / 127.5 - 1
 
     def images(self, req: Request, options: dict | None = None, extra: dict | None = None) -> Work:
         """Work for req.n images of one prompt, image k from seed + k; `options` (init, strength, mask) edit."""
@@ -128,9 +127,9 @@ class Studio:
     def inpainting(self, picture, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Work:
         req = self.request(prompt, n, steps, sampler, guidance, seed, negative_prompt)
         image, mask = inpaint_pictures(picture, self.upload_dir)
-        mask = (self.model_input(mask, grayscale=True) > 0).float()[None]  # fitted as the picture is; 1 = redraw
+        size = self.pipe.model.cfg.image_size  # fitted as the picture is; 1 = redraw where half or more was painted
+        mask = (fit_image(mask, size, True) >= 128).float()[None]  # (as sample.py --mask)
         if not mask.any():
-            size = self.pipe.model.cfg.image_size
             raise InputError(f"the painted part vanishes at the model's {size}x{size} pixels (or lies outside the "
                              "centre square the model sees): paint a larger area")
         init = self.model_input(image).expand(req.n, -1, -1, -1)

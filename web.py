@@ -11,6 +11,7 @@ endpoint (generate, edit_image, inpaint, morph) for gradio_client, and with --mc
 """
 import argparse
 import asyncio
+import inspect
 import os
 import shutil
 import tempfile
@@ -42,9 +43,10 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
     inpaint_pictures,
     parse_morph,
     parse_request,
+    reused_request,
 )
 from web_guard import LoginThrottle, WebGuard
-from web_results import Job, display_scale, morph_frames, result_settings, save_results, stream_generation
+from web_results import Job, display_scale, morph_frames, save_results, stream_generation
 
 MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back as pages
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
@@ -79,8 +81,37 @@ def model_card(info: dict) -> str:
             f"Prompts that suit it look like its training captions, e.g. *{', '.join(examples(info)[:4])}*.")
 
 
+def noted(req: Request) -> str:
+    """What was changed in a request on the way in, for the status line ("" if nothing)."""
+    return f" — note: {req.note}" if req.note else ""
+
+
 def examples(info: dict) -> list[str]:
     return list(info.get("example_prompts") or DEFAULT_EXAMPLES)[:8]
+
+
+# What an endpoint's arguments mean, unless it says otherwise: `documented` writes them into its docstring
+ARGUMENTS = {
+    "prompt": "what to draw",
+    "n": f"number of images, 1 to {MAX_IMAGES}; image k is drawn from seed + k",
+    "steps": f"sampler steps, 1 to {MAX_STEPS} (DDPM always runs all of its steps)",
+    "sampler": ", ".join(value for _, value in SAMPLER_CHOICES),
+    "guidance": f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (1: none)",
+    "seed": "a whole number (as text) for repeatable images, -1 for a random one",
+    "negative_prompt": 'what to steer away from ("" for nothing)',
+}
+RETURNS = "the images, a GIF (of the denoising, or of the morph), the last preview, and a status line with the seed"
+
+
+def documented(summary: str, **own: str):
+    """Give an endpoint the docstring gradio_client and MCP clients show: `summary`, then each of its arguments
+    (in its signature's order) from `own` or ARGUMENTS, then what it returns."""
+    def document(fn):
+        meaning = {**ARGUMENTS, **own}
+        lines = [f"    {name}: {meaning[name]}" for name in inspect.signature(fn).parameters]
+        fn.__doc__ = "\n".join([summary, "", "Args:", *lines, "Returns:", f"    {RETURNS}"])
+        return fn
+    return document
 
 
 class Studio:
@@ -98,21 +129,24 @@ class Studio:
         cfg = self.pipe.model.cfg
         return fit_image(picture, cfg.image_size, cfg.in_channels == 1).float() / 127.5 - 1
 
+    def settings(self, req: Request) -> dict:
+        """What a result PNG records of its request (the image's own seed is added per image)."""
+        return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "sampler": req.sampler,
+                "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "model": self.model_name}
+
     def images(self, req: Request, options: dict | None = None, extra: dict | None = None) -> Work:
         """Work for req.n images of one prompt, image k from seed + k; `options` (init, strength, mask) edit."""
         options = options or {}
         t0 = self.pipe.diffusion.strength_timestep(options["strength"]) if options else None
         steps = 0 if options and t0 is None else sampler_steps(self.pipe.diffusion, req.sampler, req.steps, t0)
-        meta = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "sampler": req.sampler,
-                "steps": req.steps, "guidance": req.guidance, "seed": req.seed, "model": self.model_name, **(extra or {})}
-        note = f" — note: {req.note}" if req.note else ""
+        meta = {**self.settings(req), **(extra or {})}
         return Work(lambda callback: self.pipe.generate(
                         [req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, callback,
                         negative_prompts=req.negative_prompt, **options),
                     steps, req.n, [{**meta, "index": i, "image_seed": req.seed + i} for i in range(req.n)],
-                    [f"#{i} · seed {req.seed + i}" for i in range(req.n)], f"· seed {req.seed}{note}",
+                    [f"#{i} · seed {req.seed + i}" for i in range(req.n)], f"· seed {req.seed}{noted(req)}",
                     f"Done: {req.n} image(s) of “{req.prompt}”, seed {req.seed}, {req.sampler}, {steps} steps, "
-                    f"guidance {req.guidance:g}{note}")
+                    f"guidance {req.guidance:g}{noted(req)}")
 
     def text_to_image(self, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Work:
         return self.images(self.request(prompt, n, steps, sampler, guidance, seed, negative_prompt))
@@ -139,17 +173,14 @@ class Studio:
     def morph(self, prompt, prompt_b, frames, steps, sampler, guidance, seed, negative_prompt) -> Work:
         req = self.request(prompt, 1, steps, sampler, guidance, seed, negative_prompt)
         prompt_b, frames = parse_morph(prompt_b, frames)
-        meta = {"prompt": req.prompt, "prompt_b": prompt_b, "negative_prompt": req.negative_prompt,
-                "sampler": req.sampler, "steps": req.steps, "guidance": req.guidance, "seed": req.seed,
-                "image_seed": req.seed, "model": self.model_name, "mode": "morph"}
+        meta = {**self.settings(req), "prompt_b": prompt_b, "image_seed": req.seed, "mode": "morph"}
         weights = [k / (frames - 1) for k in range(frames)]
-        note = f" — note: {req.note}" if req.note else ""
         return Work(lambda callback: self.pipe.morph(req.prompt, prompt_b, frames, req.sampler, req.steps, req.guidance,
                                                      req.seed, callback, negative_prompt=req.negative_prompt),
                     sampler_steps(self.pipe.diffusion, req.sampler, req.steps), frames,
                     [{**meta, "index": k, "morph_weight": w} for k, w in enumerate(weights)],
-                    [f"{w:.0%} of the way" for w in weights], f"· seed {req.seed}{note}",
-                    f"Done: {frames} frames from “{req.prompt}” to “{prompt_b}”, seed {req.seed}{note}", morph=True)
+                    [f"{w:.0%} of the way" for w in weights], f"· seed {req.seed}{noted(req)}",
+                    f"Done: {frames} frames from “{req.prompt}” to “{prompt_b}”, seed {req.seed}{noted(req)}", morph=True)
 
     async def respond(self, make_work, *inputs):
         """Check the inputs (in a thread: pictures are decoded), then stream (gallery, gif, preview, status)."""
@@ -185,7 +216,7 @@ class Studio:
                     yield None, None, frame_path, progress_html(done, work.steps, work.status)
                 else:
                     images, recorder = value
-                    gif_frames = morph_frames(images, max(1, 256 // images.shape[-1])) if work.morph else recorder.frames
+                    gif_frames = morph_frames(images) if work.morph else recorder.frames
                     gallery, gif = await asyncio.to_thread(save_results, images, gif_frames, work.metadata,
                                                            work.captions, self.out_dir)
                     yield gallery, gif, frame_path, work.summary  # the preview keeps the final grid: same file, URL
@@ -193,13 +224,8 @@ class Studio:
     def reuse(self, evt: gr.SelectData):
         """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""
         image = evt.value.get("image") if isinstance(evt.value, dict) else None
-        found = result_settings(image.get("path") if isinstance(image, dict) else None, self.served)
-        if not {"prompt", "image_seed"} <= found.keys():
-            return [gr.skip()] * 6
-        try:  # the PNG may be anyone's upload in the cache: its text is checked like any input
-            req = parse_request(found["prompt"], 1, found.get("steps"), found.get("sampler"), found.get("guidance"),
-                                found["image_seed"], negative_prompt=found.get("negative_prompt"))
-        except InputError:
+        req = reused_request(image.get("path") if isinstance(image, dict) else None, self.served)
+        if req is None:
             return [gr.skip()] * 6
         return [req.prompt, req.negative_prompt, req.sampler, req.steps, req.guidance, str(req.seed)]
 
@@ -216,80 +242,41 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
 
     # The endpoints (their names and docstrings are the API's and the MCP tools'). Raw values arrive
     # (preprocess=False) and are checked by web_checks with clear messages; pictures are file references.
+    @documented("Text to image: draw `n` pictures of a prompt with the diffusion model, streaming previews.",
+                prompt='what to draw, e.g. "red apple" (the model knows emoji names best)')
     async def generate(prompt: str, n: int = 4, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
                        guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
-        """Text to image: draw `n` pictures of a prompt with the diffusion model, streaming previews.
-
-        Args:
-            prompt: what to draw, e.g. "red apple" (the model knows emoji names best)
-            n: number of images, 1 to 16; image k is drawn from seed + k
-            steps: sampler steps, 1 to 200 (DDPM always runs all of its steps)
-            sampler: dpmpp_sde, dpmpp, ddim or ddpm
-            guidance: classifier-free guidance scale, 0 to 20 (1: none)
-            seed: a whole number for repeatable images, -1 for a random one
-            negative_prompt: what to steer away from ("" for nothing)
-        Returns:
-            the images, a GIF of the denoising, the last preview, and a status line with the seed used
-        """
         async for update in studio.respond(studio.text_to_image, prompt, n, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update
 
+    @documented("Image to image (SDEdit): redraw a picture or a sketch to fit a prompt.",
+                picture='the image editor\'s value: {"background": file, "layers": [...], "composite": file}; the '
+                        "composite (else the background) is the starting picture",
+                strength="how much is redrawn, 0 (the picture as it is) to 1 (ignores it)")
     async def edit_image(picture: dict, prompt: str, strength: float = IMG2IMG_STRENGTH, n: int = 4,
                          steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
                          seed: int = -1, negative_prompt: str = ""):
-        """Image to image (SDEdit): redraw a picture or a sketch to fit a prompt.
-
-        Args:
-            picture: the image editor's value: {"background": file, "layers": [...], "composite": file}; the
-                composite (else the background) is the starting picture
-            prompt: what to draw
-            strength: how much is redrawn, 0 (the picture as it is) to 1 (ignores it)
-            n: number of images, 1 to 16; image k is drawn from seed + k
-            steps: sampler steps, 1 to 200
-            sampler: dpmpp_sde, dpmpp, ddim or ddpm
-            guidance: classifier-free guidance scale, 0 to 20
-            seed: a whole number for repeatable images, -1 for a random one
-            negative_prompt: what to steer away from
-        """
         async for update in studio.respond(studio.image_to_image, picture, prompt, strength, n, steps, sampler,
                                            guidance, seed, negative_prompt):
             yield update
 
+    @documented("Inpainting (RePaint): redraw only the painted part of a picture; the rest stays as it is.",
+                picture='the image editor\'s value: {"background": the picture, "layers": [the painted mask: '
+                        'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}',
+                prompt="what to draw in the painted part")
     async def inpaint(picture: dict, prompt: str, n: int = 4, steps: int = DEFAULT_STEPS,
                       sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
-        """Inpainting (RePaint): redraw only the painted part of a picture; the rest stays as it is.
-
-        Args:
-            picture: the image editor's value: {"background": the picture, "layers": [the painted mask: opaque
-                pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}
-            prompt: what to draw in the painted part
-            n: number of images, 1 to 16; image k is drawn from seed + k
-            steps: sampler steps, 1 to 200
-            sampler: dpmpp_sde, dpmpp, ddim or ddpm
-            guidance: classifier-free guidance scale, 0 to 20
-            seed: a whole number for repeatable images, -1 for a random one
-            negative_prompt: what to steer away from
-        """
         async for update in studio.respond(studio.inpainting, picture, prompt, n, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update
 
+    @documented("Prompt morph: frames whose prompt goes from one to another, all from the same starting noise; "
+                "the GIF plays them there and back.",
+                prompt="the first frame's prompt", prompt_b="the last frame's prompt",
+                frames=f"number of frames, 2 to {MAX_FRAMES}")
     async def morph(prompt: str, prompt_b: str, frames: int = 8, steps: int = DEFAULT_STEPS,
                     sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
-        """Prompt morph: frames whose prompt goes from one to another, all from the same starting noise; the
-        GIF plays them there and back.
-
-        Args:
-            prompt: the first frame's prompt
-            prompt_b: the last frame's prompt
-            frames: number of frames, 2 to 24
-            steps: sampler steps, 1 to 200
-            sampler: dpmpp_sde, dpmpp, ddim or ddpm
-            guidance: classifier-free guidance scale, 0 to 20
-            seed: a whole number for repeatable frames, -1 for a random one
-            negative_prompt: what to steer away from
-        """
         async for update in studio.respond(studio.morph, prompt, prompt_b, frames, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from models.text_encoder import MAX_TOKENS
-from preprocess import on_white
 
 SAMPLER_CHOICES = [("DPM-Solver++ SDE (2M)", "dpmpp_sde"), ("DPM-Solver++ (2M)", "dpmpp"), ("DDIM", "ddim"),
                    ("DDPM (always all steps)", "ddpm")]
@@ -132,6 +131,38 @@ def fraction(value, name: str, high: float = 1.0) -> float:
     return float(number)
 
 
+# --- files named by the client: only inside the app's own folders ---------------------------------------
+
+def file_inside(path: str, folders) -> str | None:
+    """The real path of `path` if it is a file under one of `folders` (symlinks and ".." resolved first)."""
+    real = os.path.realpath(path)
+    inside = any(real.startswith(os.path.realpath(folder) + os.sep) for folder in folders)
+    return real if inside and os.path.isfile(real) else None
+
+
+def reused_request(path, served) -> Request | None:
+    """The request a clicked result was made with (prompt, negative prompt, sampler, steps, guidance, and its
+    own seed as the seed), from the text chunks of its PNG, if `path` is a PNG in one of the `served` folders
+    and those settings pass the checks; None otherwise (a click's event data comes from the client)."""
+    if not isinstance(path, str) or "\0" in path or not path.lower().endswith(".png"):
+        return None
+    real = file_inside(path, served)
+    if real is None:
+        return None
+    try:
+        with Image.open(real) as img:
+            found = dict(getattr(img, "text", {}))
+    except Exception:  # not a PNG after all, or unreadable
+        return None
+    if "prompt" not in found or "image_seed" not in found:
+        return None
+    try:  # the PNG may be anyone's upload in the cache: its text is checked like any input
+        return parse_request(found["prompt"], 1, found.get("steps"), found.get("sampler"), found.get("guidance"),
+                             found["image_seed"], negative_prompt=found.get("negative_prompt"))
+    except InputError:
+        return None
+
+
 # --- pictures: the editor's value (or an API client's) -------------------------------------------------
 
 def uploaded_picture(value, name: str, upload_dir: str) -> Image.Image:
@@ -140,8 +171,8 @@ def uploaded_picture(value, name: str, upload_dir: str) -> Image.Image:
     path = value.get("path") if isinstance(value, dict) else None
     if not isinstance(path, str) or "\0" in path:
         raise InputError(f"the {name} must be an uploaded image file; got {shown(value)}")
-    real, folder = os.path.realpath(path), os.path.realpath(upload_dir)
-    if not real.startswith(folder + os.sep) or not os.path.isfile(real):
+    real = file_inside(path, [upload_dir])
+    if real is None:
         raise InputError(f"the {name} was not uploaded to this app; upload it first (gradio_client: handle_file)")
     try:
         with Image.open(real) as img:  # reads the header only
@@ -165,15 +196,15 @@ def editor_part(value, key: str):
 
 def edit_picture(value, upload_dir: str) -> Image.Image:
     """Image-to-image: what the editor shows (its composite: the upload with the strokes drawn on it, or a
-    sketch on white), as RGB."""
+    sketch on a transparent canvas, which preprocess.fit_image puts on white)."""
     part = editor_part(value, "composite") or editor_part(value, "background")
     if part is None:
         raise InputError("there is no picture to start from: upload one or draw a sketch in the editor")
-    return on_white(uploaded_picture(part, "picture", upload_dir)).convert("RGB")
+    return uploaded_picture(part, "picture", upload_dir)
 
 
 def inpaint_pictures(value, upload_dir: str) -> tuple[Image.Image, Image.Image]:
-    """Inpainting: (the uploaded picture as RGB, the mask as L: 255 where to redraw). The mask is everything
+    """Inpainting: (the uploaded picture, the mask as L: 255 where to redraw). The mask is everything
     painted on the editor's layers (alpha of 128 or more), or for a layer without alpha, its white pixels."""
     background = editor_part(value, "background")
     if background is None:
@@ -193,7 +224,7 @@ def inpaint_pictures(value, upload_dir: str) -> tuple[Image.Image, Image.Image]:
         mask.paste(255, mask=painted.point(lambda v: 255 if v >= 128 else 0))
     if mask.getbbox() is None:
         raise InputError("the mask is empty: paint over the part of the picture to redraw")
-    return on_white(picture).convert("RGB"), mask
+    return picture, mask
 
 
 def parse_morph(prompt_b, frames) -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """A generation in the web app: sampled in a worker thread with its previews streamed out, then saved as PNGs
-(their settings as metadata, which is how a clicked result gives its settings back) and a GIF (used by web.py)."""
+(their settings as metadata, which is how a clicked result gives them back: web_checks.reused_request) and a
+GIF (used by web.py)."""
 import asyncio
 import math
-import os
 import queue
 import random
 import shutil
@@ -20,7 +20,6 @@ PREVIEW_FRAMES = 20  # previews streamed per generation (and frames of its GIF),
 KEEP_RESULTS = 200   # newest result folders kept on disk
 POLL_S = 0.02  # how often the page's stream checks for a new preview
 CONSUMER_TIMEOUT_S = 30  # a preview nobody collects this long means the client is gone: stop sampling
-REUSED = ("prompt", "negative_prompt", "sampler", "steps", "guidance", "image_seed")  # what a click puts back
 
 Job = Callable[[Callable], torch.Tensor]  # callback(i, x, x0) -> images in [-1, 1]
 
@@ -98,7 +97,7 @@ def save_results(images: torch.Tensor, gif_frames: list[Image.Image], metadata: 
     Returns the gallery's (display PNG, caption) pairs and the GIF's path."""
     folder = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{random.randrange(16 ** 6):06x}"
     folder.mkdir(parents=True)
-    scale = max(1, 256 // images.shape[-1])
+    scale = result_scale(images)
     shown = []
     for i, (img, meta, caption) in enumerate(zip(images, metadata, captions)):
         pil = to_pil(img)
@@ -112,22 +111,12 @@ def save_results(images: torch.Tensor, gif_frames: list[Image.Image], metadata: 
     return shown, str(gif)
 
 
-def morph_frames(images: torch.Tensor, scale: int) -> list[Image.Image]:
-    """A morph's images as GIF frames, there and back again, so the loop has no jump."""
-    frames = [upscale(to_pil(img), scale) for img in images]
+def result_scale(images: torch.Tensor, target_px: int = 256) -> int:
+    """Integer upscale of a result image for display, to about `target_px` wide (crisp pixels)."""
+    return max(1, target_px // images.shape[-1])
+
+
+def morph_frames(images: torch.Tensor) -> list[Image.Image]:
+    """A morph's images as GIF frames at the results' display size, there and back again (no jump at the loop)."""
+    frames = [upscale(to_pil(img), result_scale(images)) for img in images]
     return frames + frames[-2:0:-1]
-
-
-def result_settings(path, served: list[Path]) -> dict[str, str]:
-    """The settings a result PNG was made with (its text chunks named in REUSED), if `path` is a PNG in one of
-    the `served` folders; {} otherwise (a click's event data comes from the client: never trusted)."""
-    if not isinstance(path, str) or "\0" in path or not path.lower().endswith(".png"):
-        return {}
-    real = os.path.realpath(path)
-    if not any(real.startswith(os.path.realpath(folder) + os.sep) for folder in served):
-        return {}
-    try:
-        with Image.open(real) as img:
-            return {key: img.text[key] for key in REUSED if key in getattr(img, "text", {})}
-    except Exception:  # not a PNG after all, or unreadable: nothing to put back
-        return {}

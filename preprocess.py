@@ -407,7 +407,7 @@ def embed_captions(captions: list[str], cache_path, encoder=None,
             encoder = text_encoder.TextEncoder()
         for start in tqdm(range(0, len(new), chunk_size), desc="embedding captions", unit="chunk", disable=None):
             chunk = new[start:start + chunk_size]
-            cached.update(zip(chunk, encoder.encode_each(chunk)))
+            cached.update(zip(chunk, encoder.encode_batch(chunk)))
         write_embeddings(cached, cache_path)
     return {c: cached[c] for c in captions}
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from diffusion import Callback, Denoiser, GaussianDiffusion, Generators
+from models.cpu import native_bf16
 from models.text_encoder import concat_conditions
 
 # The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
@@ -182,11 +183,6 @@ def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[in
     top = diffusion.first_timestep(t_start=t_start)
     steps = DEFAULT_STEPS if steps is None else steps
     return top + 1 if sampler == "ddpm" else (steps if t_start is None else min(steps, top + 1))
-
-
-def native_bf16(device) -> bool:
-    """True on CPUs with native bf16 arithmetic (AVX512-BF16 / AMX), where bf16 matmuls run about 2x fp32."""
-    return torch.device(device).type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
 def fast_denoiser(denoiser: Denoiser, x: torch.Tensor, precision: str = "auto") -> Denoiser:

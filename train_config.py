@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from models.cpu import native_bf16
 from models.unet import UNetConfig
 
 
@@ -72,12 +73,11 @@ class TrainConfig:
 # settings a checkpoint fixes: resuming with other values would silently continue with the checkpoint's
 MUST_MATCH_ON_RESUME = ("batch_size", "lr", "weight_decay", "warmup_steps", "lr_decay", "ema_decay", "seed")
 def autocast_dtype(precision: str, device: torch.device):
-    """None for fp32; bf16 on CPUs with native bf16 (AVX512-BF16/AMX); fp16 on CUDA."""
+    """None for fp32; bf16 on CPUs with native bf16 (models.cpu.native_bf16); fp16 on CUDA."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if device.type == "cpu" and native_bf16 else None
+        return torch.bfloat16 if native_bf16(device) else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

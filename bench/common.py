@@ -165,9 +165,11 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    flags = ""
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        flags = ", AVX512-BF16"
+    flags = "".join(f", {name}" for name, has in (("AVX512-BF16", "_is_avx512_bf16_supported"),
+                                                   ("AMX", "_is_amx_tile_supported"))
+                    if getattr(torch.cpu, has, lambda: False)())
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):  # how AMX (or all of bf16) is switched off for a process
+        flags += f", ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
     try:
         import diffusers
         peer = f", diffusers {diffusers.__version__}"

@@ -46,12 +46,15 @@ def _runs_in_bf16(x: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v over (B, heads, N, d) tensors; `mask` is True where attention is allowed."""
+    """softmax(q k^T / sqrt(d) + mask) v over (B, heads, N, d) tensors; `mask` is True where attention is allowed,
+    or a float added to the scores (the log of each key's weight)."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
     if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] > SMALL_ATTENTION or not _runs_in_bf16(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     return scores.softmax(dim=-1).to(v.dtype) @ v  # bf16 softmax accumulates in fp32 internally
 
 
@@ -64,7 +67,7 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention of image tokens over themselves (context=None) or over text tokens.
 
-    `mask` (B, L) is True for real text tokens; padding never receives attention weight.
+    `mask` (B, L) is True for real text tokens (padding never receives attention weight), or log-weights to add.
     """
 
     def __init__(self, channels: int, n_heads: int, context_dim: int | None = None):

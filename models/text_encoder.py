@@ -19,7 +19,9 @@ CACHE_PROMPTS = 2048  # a long-running server sees endless new prompts: keep the
 class TextCondition(NamedTuple):
     """A batch of encoded prompts, padded to the longest one."""
     tokens: torch.Tensor  # (B, L, 384) token embeddings, zero at padding
-    mask: torch.Tensor    # (B, L) bool, True for real tokens
+    # (B, L): True for real tokens, False at padding; or a float weight in [0, 1] per token (a morph's frames in
+    # between two prompts weight the tokens only one of them has by how far along the frame is)
+    mask: torch.Tensor
     pooled: torch.Tensor  # (B, 384) normalised sentence embedding, zero for the empty prompt
 
     def to(self, device) -> "TextCondition":
@@ -64,20 +66,25 @@ def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 def interpolate_conditions(a: TextCondition, b: TextCondition, weights: Sequence[float]) -> TextCondition:
     """One condition per weight w in [0, 1] between two prompts' conditions (one row each), for a prompt morph.
 
-    w = 0 is `a` and w = 1 is `b`, each with its own mask, so the ends draw exactly what the prompts alone do.
-    In between, the token embeddings are mixed position by position, zero-padded to a common length with the masks
-    OR-ed, and the pooled vectors are slerped. A position only one prompt has is attended from the first frame in
-    between on, at full strength: the model's context LayerNorm undoes the scaling down."""
+    w = 0 is `a` and w = 1 is `b`, so the ends draw exactly what the prompts alone do, and every frame is a
+    continuous function of w. Token positions both prompts have are mixed, lerp(a, b, w), with weight 1; a position
+    only `a` has keeps a's token with attention weight 1 - w, one only `b` has b's token with weight w (the
+    cross-attention adds log(weight) to its scores: the token fades in or out). The pooled vectors are slerped."""
     if len(a.pooled) != 1 or len(b.pooled) != 1:
         raise ValueError("interpolate_conditions takes one prompt's condition on each side")
     both = concat_conditions([a, b])
     (ta, tb), (ma, mb), (pa, pb) = (x.unbind(0) for x in both)
+    shared = (ma & mb)[:, None]
     rows = []
     for w in weights:
         if not 0 <= w <= 1:
             raise ValueError(f"interpolation weights must be between 0 and 1, got {w}")
-        rows.append((ta, ma, pa) if w == 0 else (tb, mb, pb) if w == 1 else
-                    (torch.lerp(ta, tb, w), ma | mb, slerp(pa, pb, w)))
+        if w in (0, 1):  # exactly the prompt's own condition (lerp and slerp are not exact there)
+            tokens, mask, pooled = (ta, ma, pa) if w == 0 else (tb, mb, pb)
+            rows.append((tokens, mask.float(), pooled))
+        else:  # where not shared, one of ta, tb is zero padding
+            rows.append((torch.where(shared, torch.lerp(ta, tb, w), ta + tb), ma.float() * (1 - w) + mb.float() * w,
+                         slerp(pa, pb, w)))
     return TextCondition(*(torch.stack(parts) for parts in zip(*rows)))
 
 
@@ -106,10 +113,14 @@ def load_sentence_transformer():
 
 
 class TextEncoder:
-    """Encodes prompts to TextConditions, caching the embeddings of the `cache_size` most recently used prompts."""
+    """Encodes prompts to TextConditions, caching the embeddings of the `cache_size` most recently used prompts.
 
-    def __init__(self, cache_size: int = CACHE_PROMPTS):
-        self.model = load_sentence_transformer()
+    A prompt is encoded alone, so its embedding never depends on which prompts came with it (batched with longer
+    ones, its floats move by ~1e-6, which bf16 sampling can turn into a visibly different image).
+    `encode_batch` is the fast path for bulk work such as a training set's captions."""
+
+    def __init__(self, cache_size: int = CACHE_PROMPTS, model=None):
+        self.model = model or load_sentence_transformer()
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # least recent first
 
@@ -118,12 +129,19 @@ class TextEncoder:
         return len(self.model.tokenizer(prompt)["input_ids"])
 
     @torch.inference_mode()
-    def _encode_new(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        features = self.model.preprocess(prompts)
+    def encode_batch(self, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tokens, pooled) of each prompt, all in one padded batch, uncached: fast, but each result moves by float
+        rounding with the batch it came in. Whitespace-only prompts are the empty prompt."""
+        keys = [p.strip() for p in prompts]
+        texts = [k for k in keys if k]
+        if not texts:
+            return [null_pair() for _ in keys]
+        features = self.model.preprocess(texts)
         out = self.model({k: v for k, v in features.items() if isinstance(v, torch.Tensor)})
         lengths = out["attention_mask"].sum(dim=1).tolist()
-        return {prompt: (tok[:n].clone(), pooled.clone())
-                for prompt, n, tok, pooled in zip(prompts, lengths, out["token_embeddings"], out["sentence_embedding"])}
+        pairs = iter([(tok[:n].clone(), pooled.clone())
+                      for n, tok, pooled in zip(lengths, out["token_embeddings"], out["sentence_embedding"])])
+        return [next(pairs) if k else null_pair() for k in keys]
 
     def _remember(self, prompt: str, pair: tuple[torch.Tensor, torch.Tensor]) -> None:
         self._cache[prompt] = pair
@@ -139,9 +157,8 @@ class TextEncoder:
             if k in self._cache:
                 found[k] = self._cache[k]
                 self._cache.move_to_end(k)
-        new = sorted(k for k in set(keys) if k not in found)
-        if new:
-            found.update(self._encode_new(new))
+        new = [k for k in dict.fromkeys(keys) if k not in found]
+        found.update((k, self.encode_batch([k])[0]) for k in new)
         for k in new:  # after the lookups: a batch larger than the cache must not evict its own results
             self._remember(k, found[k])
         return [found[k] for k in keys]

@@ -114,8 +114,9 @@ class ConditionalUNet(nn.Module):
     def _context(self, cond: TextCondition) -> tuple[torch.Tensor, torch.Tensor]:
         b = cond.tokens.shape[0]
         context = torch.cat([self.null_token.expand(b, -1, -1), self.context_norm(cond.tokens)], dim=1)
-        mask = F.pad(cond.mask.bool(), (1, 0), value=True)
-        return context, mask
+        if cond.mask.dtype == torch.bool:
+            return context, F.pad(cond.mask, (1, 0), value=True)
+        return context, F.pad(cond.mask.float().log(), (1, 0))  # token weights -> additive scores (0 -> -inf)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """x: (B, C, H, W) noisy images; t: (B,) timesteps; cond: the prompts' TextCondition."""

@@ -5,7 +5,6 @@ copies them into a throwaway package `project` (imports rewritten to `project.<m
 changed) and runs `lint-imports` there with the contract from pyproject.toml.
 """
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,9 @@ def lint_layers(extra: dict[str, str] | None = None) -> subprocess.CompletedProc
             for key, value in contract.items():
                 lines.append(f"{key} =" + "".join(f"\n    {v}" for v in value) if isinstance(value, list) else f"{key} = {value}")
         (Path(tmp) / ".importlinter").write_text("\n".join(lines) + "\n")
-        return subprocess.run([shutil.which("lint-imports") or "lint-imports", "--no-cache"], cwd=tmp,
+        # through this interpreter: a virtualenv's `lint-imports` is not on PATH unless the venv is activated
+        command = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+        return subprocess.run([sys.executable, "-c", command, "--no-cache"], cwd=tmp,
                               capture_output=True, text=True, env={"PYTHONPATH": tmp, "PATH": str(Path(sys.executable).parent)})
 
 

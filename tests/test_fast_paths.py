@@ -5,11 +5,13 @@ import torch.nn.functional as F
 
 import diffusion as D
 import samplers as S
+from models.cpu import native_bf16
 from models.modules import attention
 from models.text_encoder import null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from tests.gaussian_oracle import MU, marginal_cov
 from tests.test_unet import TINY, random_condition, trained_like
+from train_config import autocast_dtype
 
 
 @pytest.mark.parametrize("keys", [64, 13])
@@ -99,3 +101,17 @@ def test_auto_precision_uses_bf16_exactly_on_cpus_with_native_bf16(native, monke
     x = torch.zeros(3, 2)
     S.fast_denoiser(denoiser, x, "auto")(x, torch.zeros(3, dtype=torch.long))
     assert seen == [native]
+
+
+@pytest.mark.parametrize("has_bf16,isa,native", [(True, None, True), (True, "AVX512_CORE_BF16", True),
+                                                  (True, "avx512_core_amx", True), (True, "AVX2", False),
+                                                  (True, "AVX512_CORE", False), (False, None, False)])
+def test_native_bf16_follows_the_cpu_and_the_isa_onednn_may_use(has_bf16, isa, native, monkeypatch):
+    # capped below AVX512-BF16, oneDNN emulates bf16 far slower than fp32: sampling and training stay in fp32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert native_bf16("cpu") is native and native_bf16("meta") is False
+    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)

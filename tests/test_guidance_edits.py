@@ -200,12 +200,14 @@ def test_interpolated_conditions_are_the_prompts_at_the_ends_and_mix_in_between(
     a, b = condition(3, 0), condition(5, 1)
     mix = interpolate_conditions(a, b, [0, 0.5, 1])
     assert mix.tokens.shape == (3, 5, 384)
-    assert torch.equal(mix.tokens[0, :3], a.tokens[0]) and mix.mask[0].tolist() == [True] * 3 + [False] * 2
-    assert torch.equal(mix.tokens[2], b.tokens[0]) and mix.mask[2].all()
+    assert torch.equal(mix.tokens[0, :3], a.tokens[0]) and mix.mask[0].tolist() == [1.0] * 3 + [0.0] * 2
+    assert torch.equal(mix.tokens[2], b.tokens[0]) and mix.mask[2].tolist() == [1.0] * 5
     assert torch.equal(mix.pooled[0], a.pooled[0]) and torch.equal(mix.pooled[2], b.pooled[0])
-    assert mix.mask[1].all(), "the masks are OR-ed in between"
+    assert mix.mask[1].tolist() == [1.0] * 3 + [0.5] * 2, "tokens only b has come in at the frame's weight"
     torch.testing.assert_close(mix.tokens[1, :3], (a.tokens[0] + b.tokens[0, :3]) / 2)
-    torch.testing.assert_close(mix.tokens[1, 3:], b.tokens[0, 3:] / 2)
+    assert torch.equal(mix.tokens[1, 3:], b.tokens[0, 3:])
+    quarter = interpolate_conditions(b, a, [0.25])  # the other way round, tokens only the start has fade out
+    assert quarter.mask[0].tolist() == [1.0] * 3 + [0.75] * 2 and torch.equal(quarter.tokens[0, 3:], b.tokens[0, 3:])
     assert abs(mix.pooled[1].norm() - 1) < 1e-5, "slerp stays on the unit sphere"
     cos = lambda u, v: (u @ v).item()
     assert cos(mix.pooled[1], a.pooled[0]) == pytest.approx(cos(mix.pooled[1], b.pooled[0]), abs=1e-5)
@@ -267,14 +269,19 @@ def test_pipeline_image_to_image_and_inpainting(pipe):
 
 
 def test_morph_ends_are_the_plain_generations_and_frames_change_gradually(pipe):
-    a, b = "red apple", "a blue circle on a white background"
-    frames = pipe.morph(a, b, 6, "dpmpp", 8, 3.0, seed=3)
-    assert frames.shape == (6, 3, 16, 16)
-    torch.testing.assert_close(frames[0], pipe.generate([a], "dpmpp", 8, 3.0, seed=3)[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(frames[-1], pipe.generate([b], "dpmpp", 8, 3.0, seed=3)[0], atol=1e-4, rtol=0)
+    # A property of the math, so fp32 (the bf16 kernels' rounding differs between CPUs) and no clipping: the random
+    # model's x0 predictions lie far outside [-1, 1], and clipped pixels change in jumps whatever the morph does.
+    a, b, n = "red apple", "a blue circle on a white background", 11
+    options = dict(precision="fp32", clip_x0=False)
+    frames = pipe.morph(a, b, n, "dpmpp", 8, 3.0, seed=3, **options)
+    assert frames.shape == (n, 3, 16, 16)
+    torch.testing.assert_close(frames[0], pipe.generate([a], "dpmpp", 8, 3.0, seed=3, **options)[0])
+    torch.testing.assert_close(frames[-1], pipe.generate([b], "dpmpp", 8, 3.0, seed=3, **options)[0])
     dist = lambda x, y: (x - y).abs().mean().item()
     ends = dist(frames[0], frames[-1])
-    steps = [dist(frames[k], frames[k + 1]) for k in range(5)]
-    assert ends > 1e-3 and max(steps) < 0.6 * ends, (ends, steps)  # measured: the largest step 0.41 of the ends
+    steps = [dist(frames[k], frames[k + 1]) for k in range(n - 1)]
+    # Measured: the largest of the 10 steps is 0.29 of the ends. A morph that switched b's extra tokens on at full
+    # weight in its first frame in between jumped 0.96 of the way there; fp32 kernels differ by ~1e-6 relative.
+    assert ends > 1.0 and max(steps) < 0.5 * ends, (ends, [s / ends for s in steps])
     with pytest.raises(ValueError, match="at least 2 frames"):
         pipe.morph(a, b, 1)

@@ -1,6 +1,6 @@
 import re
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.lint_layers import lint_layers
@@ -32,7 +32,7 @@ def test_an_upward_import_breaks_the_layers():
 
 
 def test_ruff_is_clean():
-    result = subprocess.run([shutil.which("ruff") or "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

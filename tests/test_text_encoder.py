@@ -4,7 +4,7 @@ import sys
 
 import torch
 
-from models.text_encoder import EMBED_DIM
+from models.text_encoder import EMBED_DIM, TextEncoder
 
 
 def test_loads_offline_and_gives_384_d_embeddings(text_encoder):
@@ -31,7 +31,7 @@ def test_empty_and_whitespace_prompts_are_the_null_condition(text_encoder):
 def test_repeated_prompts_are_cached(text_encoder, monkeypatch):
     text_encoder(["a smiling face"])
     calls = []
-    monkeypatch.setattr(text_encoder, "_encode_new", lambda prompts: calls.append(prompts))
+    monkeypatch.setattr(text_encoder, "encode_batch", lambda prompts: calls.append(prompts))
     a = text_encoder(["a smiling face", "a smiling face"])
     assert calls == [] and torch.equal(a.tokens[0], a.tokens[1])
 
@@ -64,8 +64,16 @@ def test_no_network_connection_is_attempted():
     assert "torch.Size([1, 384])" in r.stdout
 
 
-def test_cache_is_bounded_keeps_recent_prompts_and_serves_batches_larger_than_itself(text_encoder, monkeypatch):
-    monkeypatch.setattr(text_encoder, "cache_size", 3)
+def test_a_prompt_is_encoded_the_same_whatever_came_with_it(text_encoder):
+    # Batched with a longer prompt, a prompt's embedding moved by ~1e-6, and the same seed drew another image
+    first_with_others, first_alone = (TextEncoder(model=text_encoder.model) for _ in range(2))
+    batch = first_with_others.encode_each(["a blue circle on a white background with a red border", "red apple"])
+    alone = first_alone.encode_each(["red apple"])
+    assert all(torch.equal(x, y) for x, y in zip(batch[1], alone[0]))
+
+
+def test_cache_is_bounded_keeps_recent_prompts_and_serves_batches_larger_than_itself(text_encoder):
+    text_encoder = TextEncoder(cache_size=3, model=text_encoder.model)  # its own cache: the shared one is not touched
     for i in range(6):
         text_encoder.encode_each([f"prompt number {i}"])
     assert list(text_encoder._cache) == ["prompt number 3", "prompt number 4", "prompt number 5"]
@@ -76,6 +84,5 @@ def test_cache_is_bounded_keeps_recent_prompts_and_serves_batches_larger_than_it
     pairs = text_encoder.encode_each(batch)
     assert len(text_encoder._cache) == 3 and len(pairs) == 7 and pairs[5][0].shape[0] == 0
     for prompt, (tokens, pooled) in zip(batch[:5], pairs):
-        alone_tokens, alone_pooled = text_encoder._encode_new([prompt])[prompt]
-        torch.testing.assert_close(tokens, alone_tokens, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(pooled, alone_pooled, atol=1e-5, rtol=1e-4)
+        alone_tokens, alone_pooled = text_encoder.encode_batch([prompt])[0]
+        assert torch.equal(tokens, alone_tokens) and torch.equal(pooled, alone_pooled)

@@ -14,6 +14,7 @@ import torch
 from checkpoints import load_checkpoint, save_checkpoint, step_checkpoints
 from diffusion import GaussianDiffusion
 from tests.test_training import ROOT, TINY_MODEL, assert_same_training_state, config, make_folder
+from tests.waits import wait_for
 from trainer import Interrupted, Trainer, TrainingStopped
 
 # one thread: the same floating-point results in every process, and no spinning threads on a shared CPU
@@ -196,13 +197,6 @@ def newest_step(run_dir: Path) -> int:
         except FileNotFoundError:  # pruned by the running trainer between the listing and the load
             continue
     return 0
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow

@@ -91,6 +91,25 @@ def test_padding_tokens_do_not_change_the_output():
     assert (model(x, t, cond) - model(x, t, unmasked)).abs().max() > 1e-4, "the mask must be what hides them"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the CPU's small-attention path adds the weights too
+def test_token_weights_are_the_bool_mask_at_0_and_1_and_fade_a_token_in_between(precision):
+    model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16, 8), **TINY))).eval()
+    x, t, cond = torch.randn(1, 3, 32, 32), torch.tensor([400]), random_condition(1, length=6)
+    with_weights = lambda w: TextCondition(cond.tokens, torch.tensor([[1.0] * 5 + [w]]), cond.pooled)
+    without_last = TextCondition(cond.tokens, torch.tensor([[True] * 5 + [False]]), cond.pooled)
+    with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"), torch.inference_mode():
+        out = lambda c: model(x, t, c).float()
+        effect = (out(cond) - out(without_last)).abs().max().item()  # what the last token changes: 0.09 here
+        # bf16: the same kernels on both sides came out equal here; a tenth of the effect leaves room for others
+        tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=0, atol=0.1 * effect)
+        torch.testing.assert_close(out(with_weights(0.0)), out(without_last), **tol)
+        torch.testing.assert_close(out(with_weights(1.0)), out(cond), **tol)
+        if precision == "fp32":  # the output moves steadily from one to the other as the weight grows
+            ends = (out(cond) - out(without_last)).abs().mean()
+            moved = [(out(with_weights(w)) - out(without_last)).abs().mean() / ends for w in (0.001, 0.25, 0.5, 0.75)]
+            assert moved[0] < 0.01 and all(a < b for a, b in zip(moved, moved[1:])) and moved[-1] < 1, moved
+
+
 def test_empty_prompt_is_a_learned_condition():
     model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval()
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([400])

@@ -67,11 +67,13 @@ def open_tab(page, name: str) -> None:
 def upload(page, editor_id: str, path: Path) -> None:
     """Choose a file in the editor's upload input; wait until the editor shows it (its Undo comes alive)."""
     editor = page.locator(f"#{editor_id}")
+    # The editor draws on a canvas it sets up after the tab opens: a file chosen before that can be lost
+    editor.locator(".pixi-target canvas").wait_for(state="visible", timeout=60_000)
     editor.locator("input[type=file]").set_input_files(str(path))
     undo = editor.get_by_role("button", name="Undo", exact=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not undo.is_enabled():
-        assert time.monotonic() < deadline, "the editor did not take the uploaded picture within 30 s"
+        assert time.monotonic() < deadline, "the editor did not take the uploaded picture within 60 s"
         page.wait_for_timeout(100)
 
 

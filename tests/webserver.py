@@ -1,5 +1,6 @@
 """Start `python web.py` as a real server on 127.0.0.1 for tests, with a bounded wait."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from checkpoints import save_weights
 from models.unet import ConditionalUNet, UNetConfig
+from tests.waits import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +45,18 @@ class Server:
     url: str
     proc: subprocess.Popen
     log: Path  # the server's stdout and stderr
+    out: Path  # its --out-dir
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def assert_stopped_early(server: Server, steps: int, log_from: int, timeout_s: float = 60) -> None:
+    """The server log, from character `log_from` on, says that a generation of `steps` steps was stopped before its
+    end. Waited for: the sampler thread logs it at its next step, which may come after other work was served."""
+    stopped = lambda: re.findall(rf"generation stopped after (\d+) of {steps} steps", server.log_text()[log_from:])
+    found = wait_for(stopped, timeout_s, f"'generation stopped after ... of {steps} steps' in the server log")
+    assert all(int(done) < steps for done in found), found
 
 
 @contextmanager
@@ -81,7 +92,7 @@ def start_server(checkpoint, out_dir: Path, *extra: str, timeout_s: float = 120,
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"web.py not up after {timeout_s}s: {Path(log.name).read_text()[-2000:]}") from None
                 time.sleep(0.5)
-        yield Server(url, proc, Path(log.name))
+        yield Server(url, proc, Path(log.name), out_dir)
     finally:
         proc.terminate()
         try:

@@ -1,0 +1,17 @@
+"""What this process's CPU computes fast: whether bf16 autocast pays off (sampling and training both ask)."""
+import os
+
+import torch
+
+# oneDNN ISAs (ONEDNN_MAX_CPU_ISA) without bf16 dot products: capped there, oneDNN emulates bf16 matmuls and
+# convolutions at a fraction of fp32's speed (measured on a Xeon capped at AVX2: a bf16 matmul 1 GFLOP/s against
+# 154 in fp32). The variable is how a user, or the test suite, turns AMX or all of bf16 off for a process.
+ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def native_bf16(device) -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX512-BF16 / AMX) that oneDNN is allowed to use, where bf16
+    matmuls run about 2x fp32 (AVX512-BF16) or several times it (AMX)."""
+    if torch.device(device).type != "cpu" or not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return False
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in ISAS_WITHOUT_BF16

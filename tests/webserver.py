@@ -47,14 +47,15 @@ class Server:
     log: Path  # the server's stdout and stderr
     out: Path  # its --out-dir
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+    def log_text(self, since: int = 0) -> str:
+        """The log from character `since` on: a test of a shared server reads what came during its own work."""
+        return self.log.read_text(errors="replace")[since:]
 
 
 def assert_stopped_early(server: Server, steps: int, log_from: int, timeout_s: float = 60) -> None:
     """The server log, from character `log_from` on, says that a generation of `steps` steps was stopped before its
     end. Waited for: the sampler thread logs it at its next step, which may come after other work was served."""
-    stopped = lambda: re.findall(rf"generation stopped after (\d+) of {steps} steps", server.log_text()[log_from:])
+    stopped = lambda: re.findall(rf"generation stopped after (\d+) of {steps} steps", server.log_text(log_from))
     found = wait_for(stopped, timeout_s, f"'generation stopped after ... of {steps} steps' in the server log")
     assert all(int(done) < steps for done in found), found
 

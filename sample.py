@@ -12,8 +12,8 @@ from PIL import Image, UnidentifiedImageError
 from checkpoints import ModelFileError
 from pipeline import Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
-from preprocess import load_image
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, SAMPLERS, sampler_steps
+from sources.images import load_image
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,8 +27,8 @@ from starlette.middleware import Middleware
 
 from checkpoints import ModelFileError
 from pipeline import DEFAULT_MODEL, Pipeline
-from preprocess import fit_image
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
+from sources.images import fit_image
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_FRAMES,
     MAX_GUIDANCE,

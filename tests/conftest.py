@@ -15,7 +15,7 @@ def text_encoder():
 @pytest.fixture(scope="session")
 def emoji_dir(tmp_path_factory):
     """A cache folder holding the emoji set rendered at 32 px (rendered once per test session)."""
-    from preprocess import build_emoji
+    from sources.emoji_font import build_emoji
     cache = tmp_path_factory.mktemp("emoji")
     build_emoji(32, cache)
     return cache

@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def first_party(root: Path = ROOT) -> list[Path]:
-    """The project's own modules: top-level .py files and the models/ package (not tests, bench or docs)."""
-    return sorted(root.glob("*.py")) + sorted((root / "models").glob("*.py"))
+    """The project's own modules: top-level .py files and the models/ and sources/ packages (not tests, bench, docs)."""
+    return sorted(root.glob("*.py")) + sorted((root / "models").glob("*.py")) + sorted((root / "sources").glob("*.py"))
 
 
 def packaged_copy(dest: Path, root: Path = ROOT, extra: dict[str, str] | None = None) -> Path:
     """dest/project/: every first-party module with `from X import` / `import X` made `project.X`.
     `extra` maps a module path (e.g. "diffusion.py") to a line appended to it, to try a broken layering."""
-    names = {p.stem for p in root.glob("*.py")} | {"models"}
+    names = {p.stem for p in root.glob("*.py")} | {"models", "sources"}
     pattern = re.compile(rf"^(\s*)(from|import) ({'|'.join(sorted(names))})\b", re.M)
     package = dest / "project"
     for path in first_party(root):

@@ -2,8 +2,8 @@
 
 from evaluation import adherence, nearest_training_images
 from pipeline import DEFAULT_MODEL, Pipeline
-from preprocess import emoji_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from sources.emoji_font import emoji_dataset
 
 
 def test_default_model_is_a_small_safetensors_file_that_loads_without_a_flag(text_encoder):

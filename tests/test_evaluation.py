@@ -1,12 +1,31 @@
 """The evaluation metrics against closed forms and known orderings; `evaluate.py` end to end."""
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from evaluate import main, parse_settings
-from evaluation import RandomConvFeatures, adherence, evaluate, features, frechet_distance, nearest_training_images
-from preprocess import emoji_dataset
+from evaluation import (
+    Bank,
+    RandomConvFeatures,
+    adherence,
+    evaluate,
+    features,
+    frechet_distance,
+    markdown_table,
+    named_style,
+    nearest_training_images,
+    set_scores,
+    summary,
+    vendi_score,
+)
+from pipeline import Pipeline
+from sources.captions import STYLE_NAMES
+from sources.emoji_font import emoji_dataset
+from sources.images import CaptionedImages
 from tests.webserver import tiny_model
 
 
@@ -64,24 +83,146 @@ class OraclePipe:
         self.images, self.shift, self.calls = images, shift, []
 
     def generate(self, prompts, sampler, steps, guidance, seed):
-        self.calls.append((len(prompts), sampler, steps, seed))
+        self.calls.append((list(prompts), sampler, steps, seed))
         return self.images[[(self.index[p] + self.shift) % len(self.images) for p in prompts]]
 
 
 def test_evaluate_scores_a_perfect_model_one_and_a_shifted_one_near_zero(emoji_data):
     perfect = OraclePipe(emoji_data)
-    rows = evaluate(perfect, emoji_data, [("dpmpp", 7)], num_prompts=60, batch=25)
+    rows = evaluate(perfect, emoji_data, [("dpmpp", 7)], num_prompts=60, batch=25, images_per_prompt=2)
     real, model = rows
     assert (real.sampler, model.sampler, model.steps) == ("real", "dpmpp", 7)
     assert 0.75 < real.top1 < 1 and real.top1_16px > 0.8, "nudged real images: a ceiling that can fall short of 1"
     assert model.top1 > 0.95 and model.top5 > 0.95 and model.top1_16px > 0.9
     assert model.heldout_top1 > 0.95 and model.heldout_top1_16px > 0.9
-    assert [c[0] for c in perfect.calls[:3]] == [25, 25, 10] and [c[3] for c in perfect.calls[:3]] == [0, 25, 50]
-    assert sum(c[0] for c in perfect.calls[3:]) > 50, "held-out rewordings of most picked images"
-    shifted = evaluate(OraclePipe(emoji_data, shift=1), emoji_data, [("dpmpp", 7)], num_prompts=60)
+    main_calls = perfect.calls[:5]  # 2 images for each of 60 prompts, 25 at a time, k-major
+    assert [len(c[0]) for c in main_calls] == [25, 25, 25, 25, 20] and [c[3] for c in main_calls] == [0, 25, 50, 75, 100]
+    asked = [p for c in main_calls for p in c[0]]
+    assert asked[:60] == asked[60:], "round 0 holds every prompt once, as before there were k images"
+    assert sum(len(c[0]) for c in perfect.calls[5:]) > 2 * 50, "held-out rewordings of most picked images"
+    for c in model.concepts:  # one picture per concept: a copy of it is a hit, and k copies are 1 distinct image
+        assert c.concept > 0.95 and c.heldout_concept > 0.95 and c.vendi == pytest.approx(1), c
+        assert c.vendi_ratio == pytest.approx(1, abs=0.02) and math.isnan(c.pairs_concept), c
+    shifted = evaluate(OraclePipe(emoji_data, shift=1), emoji_data, [("dpmpp", 7)], num_prompts=60, images_per_prompt=2)
     assert shifted[1].top1 < 0.1 and shifted[1].heldout_top1 < 0.1 and shifted[1].top1_16px < 0.1
+    assert all(c.concept < 0.1 and c.heldout_concept < 0.1 for c in shifted[1].concepts)
     # the same images drawn for other prompts have the same statistics: only retrieval tells them apart
     assert shifted[1].fd == pytest.approx(model.fd, rel=0.5)
+    table = markdown_table(rows, "FD")
+    assert "| concept | held-out concept |" in table and "held-out pairs" not in table and "style hit" not in table
+
+
+def test_vendi_score_matches_its_closed_forms():
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 7, generator=rng)
+    assert vendi_score(x.repeat(5, 1) * torch.arange(1.0, 6.0)[:, None]) == pytest.approx(1), "5 copies (at any scale)"
+    assert vendi_score(torch.eye(6)[:4] * 3) == pytest.approx(4), "4 orthogonal items"
+    assert vendi_score(torch.eye(3).repeat(2, 1)) == pytest.approx(3), "3 items twice each (more items than dimensions)"
+    # two items at cosine c: eigenvalues of K/2 are (1 +- c) / 2
+    pair = torch.tensor([[1.0, 0.0], [0.5, 0.75 ** 0.5]])
+    assert vendi_score(pair) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+
+
+def test_a_prompt_names_a_style_in_whole_words():
+    assert named_style("an OpenMoji pizza") == "openmoji" and named_style("a dog, EMOJIONE style") == "emojione"
+    assert named_style("a clip art drawing of a dog") == "clipart" and named_style("Noto red apple") == "noto"
+    assert named_style("a notorious openmojis cat") is None and named_style("red apple") is None
+
+
+# Toy data of 3 concepts in 2 styles at 16 px: clip art outlines (two drawings per concept) and filled Noto shapes
+CONCEPTS = {"red apple": ("ellipse", (220, 30, 30)), "blue fish": ("rectangle", (30, 30, 220)),
+            "green tree": ("ellipse", (30, 160, 30))}
+
+
+def picture(concept: str, style: str, at: int) -> torch.Tensor:
+    shape, colour = CONCEPTS[concept]
+    img = Image.new("RGB", (16, 16), "white")
+    filled = style == "noto"
+    getattr(ImageDraw.Draw(img), shape)([at, at, at + 8, at + 8], fill=colour if filled else None, outline=colour,
+                                        width=1 if filled else 2)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def toy_set(pictures: list[tuple[str, str, int]], name: str) -> CaptionedImages:
+    named = {"noto": "Noto {}", "clipart": "a clip art drawing of a {}"}
+    return CaptionedImages(torch.stack([picture(*p) for p in pictures]),
+                           [[c, named[s].format(c)] for c, s, _ in pictures], name,
+                           heldout=[[f"a drawing of a {c}", f"a {c} drawn in {STYLE_NAMES[s]} style"] for c, s, _ in pictures],
+                           concepts=[c for c, _, _ in pictures], styles=[s for _, s, _ in pictures],
+                           groups=["Food & Drink" if c == "red apple" else "Animals & Nature" for c, _, _ in pictures])
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """Training: two clip-art drawings of each concept, a Noto fish and tree; held out: the Noto apple."""
+    train = toy_set([(c, "clipart", at) for c in CONCEPTS for at in (1, 7)]
+                    + [("blue fish", "noto", 4), ("green tree", "noto", 4)], "toy")
+    return train, toy_set([("red apple", "noto", 4)], "toy pairs")
+
+
+@pytest.fixture(scope="module")
+def bank(toy):
+    return Bank(*toy, RandomConvFeatures())
+
+
+def scores(bank, prompt, pictures):
+    """Summary in each space of one prompt whose images are copies of bank pictures."""
+    return {space: summary(s) for space, s in set_scores([prompt], bank.images[pictures], bank).items()}
+
+
+def test_concept_adherence_counts_any_picture_of_the_concept(bank):
+    apples, fish = bank.by_concept["red apple"], bank.by_concept["blue fish"]
+    assert len(apples) == 3 and bank.styles[apples[2]] == "noto", "the held-out pairs' pictures are in the bank"
+    prompt = bank.prompt("red apple", "red apple", "clipart")  # the caption of the first clip-art apple
+    for s in scores(bank, prompt, [apples[1], apples[2], fish[0], apples[1]]).values():
+        assert s["concept"] == 0.75 and math.isnan(s["style_hit"]), s
+
+
+def test_coverage_is_one_for_the_real_pictures_and_falls_when_images_collapse(bank):
+    apples, fish = bank.by_concept["red apple"], bank.by_concept["blue fish"]
+    clip_art = bank.prompt("a clip art drawing of a red apple", "red apple", "clipart")
+    assert clip_art.answers == apples[:2], "a prompt naming a style is answered by that style's pictures"
+    assert bank.prompt("red apple", "red apple", "clipart").answers == apples[:2], "not by the never-trained Noto one"
+    any_fish = bank.prompt("blue fish", "blue fish", "clipart")
+    for prompt, every in [(clip_art, apples[:2]), (any_fish, fish)]:
+        for s in scores(bank, prompt, every).values():
+            assert s["coverage"] == 1 and s["vendi"] > 1.3 and s["vendi_ratio"] == pytest.approx(1), s
+        for s in scores(bank, prompt, [every[0]] * len(every)).values():
+            assert s["coverage"] == pytest.approx(1 / len(every)) and s["vendi"] == pytest.approx(1), s
+            assert s["vendi_real"] > 1.3 and s["vendi_ratio"] < 0.8, s
+    for s in scores(bank, clip_art, [apples[0], apples[2], fish[0]]).values():
+        assert s["coverage"] == 0.5, "only pictures that answer the prompt are covered (not a Noto apple, nor a fish)"
+
+
+def test_style_hit_is_the_share_of_correct_images_in_the_named_style(bank):
+    fish, tree = bank.by_concept["blue fish"], bank.by_concept["green tree"]
+    assert bank.styles[fish[2]] == bank.styles[tree[2]] == "noto"
+    noto_fish = bank.prompt("Noto blue fish", "blue fish", "noto")
+    assert noto_fish.style == "noto" and noto_fish.answers == [fish[2]]
+    images = [fish[2], fish[2], fish[0], tree[2]]  # 3 fish, 2 of them Noto; and a Noto tree, no hit
+    for space, s in scores(bank, noto_fish, images).items():
+        assert s["concept"] == 0.75 and s["style_hit"] == pytest.approx(2 / 3), space
+        unstyled = set_scores([bank.prompt("blue fish", "blue fish", "noto")], bank.images[images], bank)[space]
+        both = summary(set_scores([noto_fish], bank.images[images], bank)[space] + unstyled)
+        assert both["style_hit"] == pytest.approx(2 / 3) and both["concept"] == 0.75, "only prompts naming a style count"
+
+
+def test_evaluate_scores_concepts_styles_and_held_out_pairs_of_a_tiny_model(tmp_path, toy):
+    train, pairs = toy
+    pipe = Pipeline.load(tiny_model(tmp_path / "tiny.safetensors"), "cpu")
+    real, model = evaluate(pipe, train, [("dpmpp", 2)], num_prompts=4, batch=16, images_per_prompt=2,
+                           heldout_pairs_data=pairs)
+    assert [c.space for c in real.concepts] == [c.space for c in model.concepts] == ["16px", "random conv"]
+    for c in real.concepts:  # nudged pictures find themselves: the ceiling
+        assert c.concept == 1 and c.pairs_concept == 1 and c.pairs_style_hit == 1, c
+        assert 2 / 3 - 1e-9 <= c.coverage < 1, "2 distinct images for the 2 or 3 pictures of each concept"
+    for c in model.concepts:
+        shares = [c.concept, c.heldout_concept, c.clipart_concept, c.pairs_concept, c.coverage]
+        assert all(0 <= x <= 1 for x in shares) and not math.isnan(c.clipart_concept), c
+        assert all(math.isnan(x) or x >= 1 - 1e-9 for x in (c.vendi, c.vendi_real)), c
+    assert model.seconds_per_image > 0
+    table = markdown_table([real, model], "FD")
+    assert "| clip-art held-out concept |" in table and "| held-out pairs style hit |" in table
 
 
 def test_settings_are_parsed_or_refused_clearly():
@@ -96,13 +237,19 @@ def test_evaluate_command_writes_its_table_with_the_command(tmp_path, capsys):
     folder = make_folder(tmp_path / "shapes")
     ckpt = tiny_model(tmp_path / "tiny.safetensors")
     out = tmp_path / "eval.md"
-    argv = ["--checkpoint", str(ckpt), "--data", str(folder), "--num-prompts", "4",
+    argv = ["--checkpoint", str(ckpt), "--data", str(folder), "--num-prompts", "4", "--images-per-prompt", "2",
             "--settings", "dpmpp:2", "ddim:3", "--out", str(out), "--device", "cpu"]
     main(argv)
     text = out.read_text()
-    assert text.startswith("`python evaluate.py --checkpoint") and "4 prompts of shapes" in text
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1:3] for line in lines[1:]] == [[" real ", " - "], [" dpmpp ", " 2 "], [" ddim ", " 3 "]]
+    assert text.startswith("`python evaluate.py --checkpoint") and "4 prompts of shapes (2 images each" in text
+    images, concepts = ([line for line in block.splitlines() if line.startswith("| ")]
+                        for block in text.split("\n\n")[2:4])
+    assert [line.split("|")[1:3] for line in images[1:]] == [[" real ", " - "], [" dpmpp ", " 2 "], [" ddim ", " 3 "]]
+    assert [line.split("|")[1:4] for line in concepts[1::2]] == [[" real ", " - ", " 16px "], [" dpmpp ", " 2 ", " 16px "],
+                                                                [" ddim ", " 3 ", " 16px "]]
+    assert "| random conv |" in concepts[2] and "Vendi" in concepts[0] and "style hit" not in concepts[0]
     assert "FD (random conv)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--num-prompts must be from 1 to 6"):
         main(argv[:4] + ["--num-prompts", "7"])
+    with pytest.raises(SystemExit, match="--images-per-prompt must be at least 1"):
+        main(argv[:6] + ["--images-per-prompt", "0"])

@@ -6,16 +6,12 @@ from PIL import Image
 from safetensors import safe_open
 
 import models.text_encoder
-import preprocess
-from preprocess import (
-    CaptionedImages,
-    build_emoji,
-    embed_captions,
-    emoji_dataset,
-    image_folder,
-    load_dataset,
-    tiny_imagenet,
-)
+import sources.emoji_font
+from preprocess import embed_captions, load_dataset
+from sources.emoji_font import build_emoji, emoji_dataset
+from sources.image_folder import image_folder
+from sources.images import CaptionedImages
+from sources.tiny_imagenet import tiny_imagenet
 
 WNIDS = {"n01443537": "goldfish, Carassius auratus", "n02123045": "tabby, tabby cat", "n07747607": "orange"}
 COLOURS = {"n01443537": (230, 120, 20), "n02123045": (120, 120, 120), "n07747607": (250, 160, 0)}
@@ -165,6 +161,8 @@ def test_wrong_paths_and_empty_folders_show_the_expected_layouts(tmp_path):
         assert "<class_name>/<image>" in message and "wnids.txt" in message and "emoji" in message
     with pytest.raises(ValueError, match="only a 'train' split"):
         load_dataset(tmp_path, split="val")
+    with pytest.raises(FileNotFoundError, match="'noto', 'openmoji', 'emojione', 'clipart', 'mix'|neither a source"):
+        load_dataset("emoji+nothing")
 
 
 def test_jsonl_errors_name_the_line(tmp_path):
@@ -218,10 +216,10 @@ def test_emoji_cache_lists_its_glyphs_sorted_and_is_reused(emoji_dir, monkeypatc
         chars = json.loads(f.metadata()["emoji"])
     assert chars == sorted(chars) and "\N{RED APPLE}" in chars and "\N{TROPICAL FISH}" in chars
     assert not any(chr(c) in e for e in chars for c in range(0x1F3FB, 0x1F400)), "no skin-tone variants"
-    monkeypatch.setattr(preprocess, "build_emoji", lambda *a: pytest.fail("cache not reused"))
+    monkeypatch.setattr(sources.emoji_font, "build_emoji", lambda *a: pytest.fail("cache not reused"))
     assert len(load_dataset("emoji", 32, cache_dir=emoji_dir)) == len(chars)
     assert load_dataset("emoji", 32, grayscale=True, cache_dir=emoji_dir).images.shape[1] == 1
-    with pytest.raises(ValueError, match="only a 'train' split"):
+    with pytest.raises(ValueError, match="has a 'train' and a 'heldout_pairs' split, not 'val'"):
         load_dataset("emoji", split="val", cache_dir=emoji_dir)
 
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 import sample
 from pipeline import Pipeline
-from preprocess import load_image
+from sources.images import load_image
 from tests.webserver import REPO, tiny_model
 
 

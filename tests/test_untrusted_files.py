@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 import web
 from checkpoints import ModelFileError, load_checkpoint, load_weights, save_weights
 from pipeline import MAX_PARAMETERS, load_model
-from preprocess import MAX_DECODE_PIXELS, image_folder, load_image
+from sources.image_folder import image_folder
+from sources.images import MAX_DECODE_PIXELS, load_image
 from tests.test_training import config, make_folder
 from tests.webserver import REPO, tiny_model
 from trainer import Trainer

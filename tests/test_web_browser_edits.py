@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from preprocess import fit_image
+from sources.images import fit_image
 from tests.browser import SHIPPED, browser_app, needs_chromium, screenshot_path, set_input
 
 pytestmark = needs_chromium

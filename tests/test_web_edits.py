@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from plot_func import save_png
-from preprocess import fit_image
+from sources.images import fit_image
 from tests.test_web_faults import JUNK, TEXT
 from tests.webserver import REPO, assert_stopped_early, start_server, tiny_model
 from web import Studio

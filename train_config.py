@@ -17,7 +17,7 @@ def option(default, help: str):
 @dataclass
 class TrainConfig:
     """Every flag of `python train.py`; saved into each checkpoint."""
-    data: str = option("emoji", 'training data: "emoji" (built-in, no download), a tiny-imagenet-200 folder, or a folder of class sub-folders')
+    data: str = option("emoji", 'training data: a source ("emoji", built in: the Noto set the shipped model learned; "noto", "openmoji", "emojione", "clipart"), sources joined with "+", "mix" (all four styles), a tiny-imagenet-200 folder, or a folder of class sub-folders')
     image_size: int = option(32, 'square image size in pixels (images are resized)')
     grayscale: bool = option(False, 'train on one channel (e.g. 28x28 grayscale datasets)')
     epochs: int = option(50, 'passes over the training data')

@@ -318,8 +318,10 @@ def clipart_dataset(size: int = 32, cache_dir="data", root=OPENCLIPART_ROOT) -> 
     with safe_open(path, "pt") as f:
         images, metadata = f.get_tensor("images"), f.metadata()
     records = json.loads(metadata["clipart"])
-    drawings = [describe(r["path"], r) for r in records]
+    described = [(i, describe(r["path"], r)) for i, r in enumerate(records)]
+    keep = [i for i, d in described if d is not None]  # a cache from older naming rules may hold unnamed ones
+    drawings, records = [d for _, d in described if d is not None], [records[i] for i in keep]
     captions, heldout = clipart_captions(drawings)
-    return CaptionedImages(images, captions, "clipart", int(metadata["skipped"]), heldout,
-                           singular_concepts([d.concept for d in drawings]), ["clipart"] * len(records),
+    return CaptionedImages(images[keep], captions, "clipart", int(metadata["skipped"]) + len(described) - len(keep),
+                           heldout, singular_concepts([d.concept for d in drawings]), ["clipart"] * len(records),
                            [r["path"].split("/")[0] for r in records])

@@ -11,6 +11,7 @@ endpoint (generate, edit_image, inpaint, morph) for gradio_client, and with --mc
 """
 import argparse
 import asyncio
+import html
 import inspect
 import os
 import shutil
@@ -69,7 +70,8 @@ class Work:
 
 
 def progress_html(k: int, n: int, text: str = "") -> str:
-    return f'<div class="progress"><progress value="{k}" max="{n}"></progress> step {k} of {n} {text}</div>'
+    """The status line while sampling; `text` quotes the user's prompt, so it is escaped like all the status HTML."""
+    return f'<div class="progress"><progress value="{k}" max="{n}"></progress> step {k} of {n} {html.escape(text)}</div>'
 
 
 def model_card(info: dict) -> str:
@@ -219,7 +221,8 @@ class Studio:
                     gif_frames = morph_frames(images) if work.morph else recorder.frames
                     gallery, gif = await asyncio.to_thread(save_results, images, gif_frames, work.metadata,
                                                            work.captions, self.out_dir)
-                    yield gallery, gif, frame_path, work.summary  # the preview keeps the final grid: same file, URL
+                    # the preview keeps the final grid (same file, URL); the summary quotes the prompt: escaped
+                    yield gallery, gif, frame_path, html.escape(work.summary)
 
     def reuse(self, evt: gr.SelectData):
         """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""

@@ -114,3 +114,14 @@ def test_without_a_model_web_py_says_so_instead_of_crashing(tmp_path):
     out = subprocess.run([sys.executable, "web.py", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "1"],
                          capture_output=True, text=True, timeout=120, cwd=str(tiny_model.__globals__["REPO"]))
     assert out.returncode != 0 and "cannot load a model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_markup_in_the_prompt_is_shown_as_text_in_every_status_line(client):
+    prompt = "<img src=x onerror=\"document.title='XSS'\"> red apple"
+    job = client.submit(prompt, 1, 2, "dpmpp", 3.0, 0, api_name="/generate")
+    *_, status = job.result(timeout=120)
+    statuses = [out[3] for out in job.outputs()] + [status]
+    assert status.startswith("Done") and "&lt;img src=x onerror=" in status
+    assert all("<img" not in s and "onerror=\"" not in s for s in statuses), statuses
+    frames, *_, morph_status = client.predict("sun", prompt, 2, 2, "dpmpp", 3.0, 0, "", api_name="/morph")
+    assert "&lt;img" in morph_status and "<img" not in morph_status

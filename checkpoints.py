@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, safe loading (weights_only / safetensors), run-folder bookkeeping."""
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -18,6 +19,9 @@ TEMP_SUFFIX = ".tmp"
 
 class CheckpointWriteError(OSError):
     """A checkpoint or weights file could not be written (disk full, quota, permissions); the old one is intact."""
+
+
+MAX_WEIGHT_BYTES = 4_000_000_000  # a model file's tensors, at most: 1e9 float32 parameters (pipeline.MAX_PARAMETERS)
 
 
 class ModelFileError(ValueError):
@@ -71,7 +75,8 @@ def load_checkpoint(path) -> dict:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        # torch words it "Unsupported global: GLOBAL os.system" or "unsupported GLOBAL posix.system whose module ..."
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(e), re.IGNORECASE)
         if not found:  # garbage, not a pickle; torch's own advice (weights_only=False) is not repeated
             reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
             raise ModelFileError(f"checkpoint {path} is truncated, corrupted or not a checkpoint of this project "
@@ -94,13 +99,24 @@ def save_weights(state_dict: dict, metadata: dict, path) -> None:
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def declared_bytes(f) -> int:
+    """Bytes the tensors of an open safetensors file declare, from its header alone (nothing is read)."""
+    sizes = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+    return sum(math.prod(f.get_slice(k).get_shape()) * sizes.get(f.get_slice(k).get_dtype(), 8) for k in f.keys())
+
+
 def load_weights(path) -> tuple[dict, dict]:
-    """(tensors, metadata with its JSON values decoded) of a safetensors file; ModelFileError if it is not one."""
+    """(tensors, metadata with its JSON values decoded) of a safetensors file; ModelFileError if it is not one, or
+    if its header declares more than MAX_WEIGHT_BYTES (refused before any tensor is read)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            raw, size = f.metadata() or {}, declared_bytes(f)
+        if size > MAX_WEIGHT_BYTES:
+            raise ModelFileError(f"weights file {path} declares {size / 1e9:,.1f} GB of tensors; refused before "
+                                 f"reading any, the limit is {MAX_WEIGHT_BYTES / 1e9:.0f} GB")
         tensors = load_file(str(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, ModelFileError):
         raise
     except OSError as e:
         raise ModelFileError(f"cannot read weights file {path}: {e.strerror or error_line(e)}") from e
@@ -110,7 +126,7 @@ def load_weights(path) -> tuple[dict, dict]:
     for key, value in raw.items():
         try:
             meta[key] = json.loads(value)
-        except ValueError as e:  # also a number too long to convert
+        except (ValueError, RecursionError) as e:  # also a number too long to convert, or arrays nested too deep
             raise ModelFileError(f"weights file {path}: its metadata entry {key!r} is not valid JSON ({error_line(e, 80)})") from e
     return tensors, meta
 

@@ -146,7 +146,8 @@ def unet_config(unet: dict, path) -> UNetConfig:
 
 def _diffusion(config: dict, path) -> GaussianDiffusion:
     schedule, timesteps, prediction = config.get("schedule"), config.get("timesteps"), config.get("prediction", "eps")
-    if schedule not in SCHEDULES or not _whole(timesteps, 1, MAX_TIMESTEPS) or prediction not in PREDICTIONS:
+    known = lambda value, names: isinstance(value, str) and value in names  # a list is not hashable: no TypeError
+    if not known(schedule, SCHEDULES) or not _whole(timesteps, 1, MAX_TIMESTEPS) or not known(prediction, PREDICTIONS):
         raise ModelFileError(f"{path}: its config needs schedule one of {', '.join(sorted(SCHEDULES))}, timesteps a "
                              f"whole number from 1 to {MAX_TIMESTEPS} and prediction one of {', '.join(PREDICTIONS)}; "
                              f"got {_shown(schedule)}, {_shown(timesteps)}, {_shown(prediction)}")

@@ -38,6 +38,26 @@ class Payload:
         return open, (self.marker, "w")
 
 
+class SystemPayload:
+    """Unpickling this calls os.system: a module torch blocks by name (worded unlike a plain unsupported global)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_payload_calling_a_blocked_module_is_refused_naming_it_not_as_corruption(tmp_path):
+    marker, raw = tmp_path / "payload_ran", tmp_path / "system.pt"
+    raw.write_bytes(pickle.dumps({"config": {"unet": {}}, "ema": {}, "evil": SystemPayload(marker)}, protocol=2))
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(ValueError, match=r"refused to load .*it names posix\.system") as refused:
+            load(raw)
+        assert "corrupted" not in str(refused.value) and "weights_only" not in str(refused.value)
+    assert not marker.exists()
+
+
 @pytest.fixture
 def evil_files(tmp_path):
     """The same payload as a torch zip checkpoint, a raw pickle, and a pickle dressed up as safetensors."""
@@ -121,6 +141,10 @@ def bad_model_files(root) -> dict[str, tuple]:
     os.mkfifo(root / "fifo.pt")
     (root / "empty_run").mkdir()
     header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
+    save_file(weights, root / "nested.safetensors", metadata={"config": "[" * 100_000 + "]" * 100_000})
+    huge = root / "huge_tensor.safetensors"  # 4.3 GB declared, a sparse file: nothing of it is on disk
+    huge.write_bytes(safetensors_bytes(b'{"junk":{"dtype":"F32","shape":[1073741824],"data_offsets":[0,4294967296]}}'))
+    os.truncate(huge, huge.stat().st_size + 2 ** 32)
     return {
         "forged header length": (raw("huge_header.safetensors", safetensors_bytes(b"{}", length=2 ** 62)), "not a safetensors file"),
         "offsets past the end": (raw("offsets.safetensors", safetensors_bytes(header.replace(b"16]", b"99999]"), bytes(16))), "not a safetensors file"),
@@ -144,6 +168,9 @@ def bad_model_files(root) -> dict[str, tuple]:
                                    f"refused, the limit is {MAX_PARAMETERS:,}"),
         "heads not dividing channels": (st("heads", unet={"num_heads": 3}), "its model config does not build"),
         "unknown schedule": (st("schedule", schedule="quadratic"), "schedule one of cosine, linear"),
+        "schedule as a list": (st("schedule_list", schedule=["cosine"]), "schedule one of cosine, linear"),
+        "metadata nested too deep": (root / "nested.safetensors", "'config' is not valid JSON"),
+        "a tensor of 4 GB declared": (huge, "declares 4.3 GB of tensors; refused before reading any"),
         "absurd timesteps": (st("timesteps", timesteps=10 ** 12), "timesteps a whole number from 1 to"),
         "info of wrong types": (st("info", info={**info, "example_prompts": "red apple"}), "'example_prompts' should be a list"),
         "history of wrong shape": (st("history", info={**info, "history": {"step": [1, 2], "loss": [0.5]}}), "'history' should hold"),

@@ -1,7 +1,7 @@
 """The web app: type a prompt, watch the batch emerge from noise, download the images; or start from a picture or
 a sketch, repaint part of a picture, or morph one prompt into another.
 
-    python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password] [--mcp]
+    python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password] [--trusted-proxy ADDR] [--mcp]
 
 The model loads once; a bounded queue serves users in turn. Every input is checked on the server
 (web_checks.py), so a bad request gets a clear message and never a traceback; web_results.py streams each
@@ -367,6 +367,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting at most; more are told to retry")
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations run at once (1 suits a CPU: one generation already uses every core)")
+    p.add_argument("--trusted-proxy", default="", metavar="ADDRESSES",
+                   help="comma-separated addresses of reverse proxies whose X-Forwarded-For is believed (default: none, "
+                   "so the login throttle and logs see each connection's real peer)")
     p.add_argument("--mcp", action="store_true", help="also serve the endpoints as Model Context Protocol tools "
                    "at /gradio_api/mcp/ (needs gradio[mcp]; not with --auth, which MCP clients cannot pass)")
     args = p.parse_args(argv)
@@ -383,6 +386,9 @@ def main(argv=None) -> None:
     # PNGs and GIFs in these two folders, as images
     cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
+    # uvicorn believes X-Forwarded-For from FORWARDED_ALLOW_IPS, 127.0.0.1 unless set: a local client could then
+    # send a new address with every guessed password and never be throttled
+    os.environ["FORWARDED_ALLOW_IPS"] = args.trusted_proxy
     app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
     guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
                        hide_api_from_login_page=auth is not None)

@@ -147,3 +147,15 @@ def test_auth_hides_the_api_before_login_and_throttles_guessing(tmp_path):
         *_, status = authed.submit("sun", 1, 2, "dpmpp", 3.0, 0, api_name="/generate").result(timeout=120)
         assert status.startswith("Done")
         assert "Traceback" not in srv.log_text()
+
+
+def test_a_forged_x_forwarded_for_does_not_escape_the_login_throttle(tmp_path):
+    # uvicorn believed X-Forwarded-For from 127.0.0.1: 40 guesses, each "from" another address, were all checked
+    with start_server(tiny_model(tmp_path / "tiny.safetensors"), tmp_path / "out", "--auth", "ann:s3cret") as srv:
+        start = time.monotonic()
+        answers = [httpx.post(srv.url + "login", data={"username": "ann", "password": f"guess{k}"}, timeout=10,
+                              headers={"x-forwarded-for": f"10.0.{k}.1"}).status_code for k in range(12)]
+        elapsed = time.monotonic() - start
+        # counted on the real peer: 5 free guesses, then one per 1, 2, 4, ... seconds (as in the test above)
+        assert answers[:5] == [400] * 5 and 429 in answers, answers
+        assert answers.count(400) <= 6 + math.log2(1 + elapsed), (answers, elapsed)

@@ -132,8 +132,8 @@ def load_weights(path) -> tuple[dict, dict]:
 
 
 def step_checkpoints(run_dir) -> list[Path]:
-    """The run's step checkpoints, oldest first."""
-    return sorted(Path(run_dir).glob(CHECKPOINT_GLOB))
+    """The run's step checkpoints, oldest first (files only: a folder of that name is no checkpoint)."""
+    return sorted(p for p in Path(run_dir).glob(CHECKPOINT_GLOB) if p.is_file())
 
 
 def resolve_checkpoint(path) -> Path:

@@ -140,6 +140,7 @@ def bad_model_files(root) -> dict[str, tuple]:
     (root / "dangling.pt").symlink_to(root / "gone.pt")
     os.mkfifo(root / "fifo.pt")
     (root / "empty_run").mkdir()
+    (root / "folder_run" / "checkpoint_00000005.pt").mkdir(parents=True)
     header = b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'
     save_file(weights, root / "nested.safetensors", metadata={"config": "[" * 100_000 + "]" * 100_000})
     huge = root / "huge_tensor.safetensors"  # 4.3 GB declared, a sparse file: nothing of it is on disk
@@ -179,6 +180,7 @@ def bad_model_files(root) -> dict[str, tuple]:
         "dangling symlink": (root / "dangling.pt", "gone.pt, which does not exist"),
         "a FIFO": (root / "fifo.pt", "not a regular file"),
         "a run folder without checkpoints": (root / "empty_run", "no checkpoint in"),
+        "a run folder whose checkpoint is a folder": (root / "folder_run", "folder_run: expected best.pt"),
         "nothing there": (root / "nothing.pt", "does not exist"),
     }
 

@@ -334,8 +334,9 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
         settings, outputs = [steps, sampler, guidance, seed, negative], [gallery, gif, preview, status]
         # the buttons and Enter share one concurrency group, so `concurrency` bounds them together
         shared = dict(preprocess=False, concurrency_id="generate", concurrency_limit=concurrency, show_progress="hidden")
-        events = [run.click(generate, [prompt, n, *settings], outputs, api_name="generate", **shared),
-                  prompt.submit(generate, [prompt, n, *settings], outputs, api_visibility="private", **shared),
+        # the button and Enter in the prompt: one endpoint (a second listener was callable as "generate_1")
+        events = [gr.on([run.click, prompt.submit], generate, [prompt, n, *settings], outputs, api_name="generate",
+                        **shared),
                   run_edit.click(edit_image, [edit_in, prompt, strength, n, *settings], outputs,
                                  api_name="edit_image", **shared),
                   run_inpaint.click(inpaint, [inpaint_in, prompt, n, *settings], outputs, api_name="inpaint", **shared),

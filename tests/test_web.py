@@ -2,6 +2,7 @@
 import math
 import time
 
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client
@@ -125,3 +126,11 @@ def test_markup_in_the_prompt_is_shown_as_text_in_every_status_line(client):
     assert all("<img" not in s and "onerror=\"" not in s for s in statuses), statuses
     frames, *_, morph_status = client.predict("sun", prompt, 2, 2, "dpmpp", 3.0, 0, "", api_name="/morph")
     assert "&lt;img" in morph_status and "<img" not in morph_status
+
+
+def test_only_the_named_endpoints_can_be_called(server):
+    for name in ("generate_1", "nonexistent"):  # the prompt's Enter was a second endpoint, "generate_1"
+        r = httpx.post(server.url + f"gradio_api/call/{name}", json={"data": ["sun", 1, 2, "dpmpp", 3.0, 0, ""]}, timeout=30)
+        assert r.status_code >= 400, (name, r.status_code, r.text[:200])
+    names = set(Client(server.url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"])
+    assert names == {"/generate", "/edit_image", "/inpaint", "/morph"}, names

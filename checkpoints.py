@@ -103,7 +103,8 @@ def declared_bytes(f) -> int:
     """Bytes the tensors of an open safetensors file declare, from its header alone (nothing is read)."""
     sizes = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-    return sum(math.prod(f.get_slice(k).get_shape()) * sizes.get(f.get_slice(k).get_dtype(), 8) for k in f.keys())
+    slices = [f.get_slice(k) for k in f.keys()]
+    return sum(math.prod(t.get_shape()) * sizes.get(t.get_dtype(), 8) for t in slices)
 
 
 def load_weights(path) -> tuple[dict, dict]:

@@ -59,20 +59,16 @@ def source_names(spec) -> list[str] | None:
     return None
 
 
-def in_heldout_pair(data: CaptionedImages, i: int) -> bool:
-    return (data.styles[i], data.groups[i]) in HELDOUT_PAIRS
-
-
 def compose(names: list[str], size: int, cache_dir) -> tuple[CaptionedImages, CaptionedImages]:
     """The named sources as one set, split into (training images, images of the held-out (style, group) pairs).
     Held-out rewordings that some image trains on are dropped, so none is ever a training caption."""
     whole = CaptionedImages.concat([SOURCES[n](size, cache_dir) for n in names], "+".join(names))
-    heldout_pairs = [i for i in range(len(whole)) if in_heldout_pair(whole, i)]
-    train = whole.subset([i for i in range(len(whole)) if not in_heldout_pair(whole, i)])
+    held = [(s, g) in HELDOUT_PAIRS for s, g in zip(whole.styles, whole.groups)]
+    train, pairs = (whole.subset([i for i, h in enumerate(held) if h == want]) for want in (False, True))
     training = set(train.all_captions())
-    for data in (train, whole):
+    for data in (train, pairs):
         data.heldout = [[c for c in cs if c not in training] for cs in data.heldout]
-    return train, whole.subset(heldout_pairs)
+    return train, pairs
 
 
 def load_dataset(spec, image_size: int | None = None, grayscale: bool = False, split: str = "train",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from checkpoints import ModelFileError
 from evaluation import InceptionFeatures, evaluate, markdown_table
+from guidance import add_guidance_arguments, describe_guidance, guidance_from_arguments
 from pipeline import Pipeline
 from preprocess import CaptionedImages, load_dataset
 from samplers import SAMPLERS
@@ -28,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
                    "scores; the image scores and FD use the first of each")
     p.add_argument("--settings", nargs="+", default=["dpmpp:10", "dpmpp:25", "ddim:25"],
                    help="sampler:steps pairs to compare, e.g. dpmpp:20 ddim:50 ddpm:1000")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    add_guidance_arguments(p)
     p.add_argument("--start", choices=["T", "floor"], default="T", help="few-step samplers start at t = T-1, or at "
                    "the timestep of the log-SNR floor (see GaussianDiffusion.timesteps)")
     p.add_argument("--clip", choices=["static", "dynamic"], default="static",
@@ -70,6 +71,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     settings = parse_settings(args.settings)
+    guidance = guidance_from_arguments(args)
     pipe = Pipeline.load(args.checkpoint, args.device)
     data = pipe.training_data(args.data)
     if args.num_prompts < 1 or 2 * args.num_prompts > len(data):
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
             raise SystemExit("error: --start floor is for the few-step samplers; DDPM always runs all T steps")
         options["start"] = "floor"
     pairs = heldout_pairs(pipe, args.data)
-    rows = evaluate(pipe, data, settings, args.num_prompts, args.guidance, args.seed, args.batch, extractor, options,
+    rows = evaluate(pipe, data, settings, args.num_prompts, guidance, args.seed, args.batch, extractor, options,
                     args.images_per_prompt, pairs)
     table = markdown_table(rows, fd_name)
     print(table)
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
         prompts = (f"{args.num_prompts} prompts of {data.name} ({args.images_per_prompt} images each; "
                    f"{len(pairs) if pairs else 'no'} images of held-out (style, group) pairs)")
         Path(args.out).write_text(f"`{command}`\n\nModel: {model} ({pipe.info['parameters'] / 1e6:.2f}M parameters), "
-                                  f"{prompts}, guidance {args.guidance}, start {args.start}, clip {args.clip}, "
+                                  f"{prompts}, {describe_guidance(guidance)}, start {args.start}, clip {args.clip}, "
                                   f"seed {args.seed}.\n\n{table}\n")
 
 

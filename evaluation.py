@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from guidance import Guidance
 from pipeline import Pipeline
 from preprocess import CaptionedImages
 from sources.captions import STYLE_NAMES
@@ -351,7 +352,7 @@ def concept_sets(data: CaptionedImages, pick: list[int], heldout: list[tuple[int
 
 
 def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, int]], num_prompts: int = 200,
-             guidance: float = 3.0, seed: int = 0, batch: int = 100, extractor: torch.nn.Module | None = None,
+             guidance: float | Guidance = 3.0, seed: int = 0, batch: int = 100, extractor: torch.nn.Module | None = None,
              sampler_options: dict | None = None, images_per_prompt: int = 8,
              heldout_pairs_data: CaptionedImages | None = None) -> list[EvalRow]:
     """Adherence and Fréchet distance for each (sampler, steps), on one fixed random subset of images:

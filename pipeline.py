@@ -8,10 +8,11 @@ import torch
 
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
 from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
+from guidance import CADS_SEED_OFFSET, Guidance, guided_denoiser
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
-from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, guided_denoiser, sample
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
 # A model file's config is checked before anything is allocated: each size within these bounds (so that even
@@ -35,7 +36,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition,
-                    sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float = 3.0, seed: int | Sequence[int] = 0,
+                    sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | Guidance = 3.0,
+                    seed: int | Sequence[int] = 0,
                     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                     clip_x0=True, negative: Optional[TextCondition] = None, init: Optional[torch.Tensor] = None,
                     strength: float = 1.0, mask: Optional[torch.Tensor] = None, resample: int = RESAMPLE,
@@ -43,7 +45,8 @@ def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: 
     """Sample one image per row of `cond`; returns (B, C, H, W) in [-1, 1].
 
     Image k starts from its own generator seeded `seed + k` (or `seed[k]` given a list), so the same seed gives
-    the same images and any one of them is redrawn alone by seed + k at batch size 1. Guidance pushes away from
+    the same images and any one of them is redrawn alone by seed + k at batch size 1 (CADS's condition noise too,
+    from seed + k + CADS_SEED_OFFSET). `guidance` is a scale or a `Guidance`; it pushes away from
     `negative` (one row, or one per image; default the empty prompt's condition). `init` (B, C, H, W in [-1, 1],
     at the model's size), `strength`, `mask` (1 = generate, 0 = keep) and `resample`: image-to-image and
     inpainting (see diffusion.edit_sample). `clip_x0` (True, or "dynamic" thresholding) and `sampler_options`
@@ -54,7 +57,9 @@ def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: 
     uncond = null_condition(n) if negative is None else negative
     if len(uncond.pooled) == 1 and n > 1:
         uncond = uncond.index([0] * n)
-    denoiser = guided_denoiser(model, cond.to(device), uncond.to(device), guidance)
+    anneal = isinstance(guidance, Guidance) and guidance.anneal is not None
+    cads_noise = [torch.Generator(device).manual_seed(s + CADS_SEED_OFFSET) for s in seeds] if anneal else None
+    denoiser = guided_denoiser(model, cond.to(device), uncond.to(device), guidance, diffusion.T, cads_noise)
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     extra = {} if init is None else {"init": init.to(device), "strength": strength, "resample": resample,
                                      "mask": None if mask is None else mask.to(device)}

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from models import text_encoder
+from sources.captions import STYLE_NAMES
 from sources.clipart import clipart_dataset
 from sources.emoji_font import emoji_dataset, font_emoji
 from sources.emoji_png import png_emoji
@@ -57,6 +58,16 @@ def source_names(spec) -> list[str] | None:
         raise FileNotFoundError(f"data {str(spec)!r}: {', '.join(map(repr, unknown))} is neither a source "
                                 f"({', '.join(SOURCES)}, mix) nor an existing folder.\n{DATA_LAYOUTS}")
     return None
+
+
+def dataset_styles(spec) -> list[str]:
+    """The styles (STYLE_NAMES keys) whose names a model trained on `spec` learned, or [] for one without them
+    ("emoji", a folder, Tiny ImageNet): what a style choice can offer."""
+    try:
+        names = source_names(spec) or []
+    except FileNotFoundError:  # a folder the model was trained on, absent here
+        return []
+    return [n for n in names if n in STYLE_NAMES] if len(names) > 1 else []
 
 
 def compose(names: list[str], size: int, cache_dir) -> tuple[CaptionedImages, CaptionedImages]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from checkpoints import ModelFileError
+from guidance import Guidance, add_guidance_arguments, describe_guidance, guidance_from_arguments
 from pipeline import Pipeline
 from plot_func import DenoisingRecorder, grid_image, save_png, to_pil, to_uint8
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, SAMPLERS, sampler_steps
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (DDPM always uses all T)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=DEFAULT_SAMPLER,
                    help="dpmpp_sde: SDE-DPM-Solver++(2M); dpmpp: DPM-Solver++(2M)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: none)")
+    add_guidance_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="same seed, same images; image k alone is --seed SEED+k --n 1")
     p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: nothing)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture, centre-cropped and "
@@ -110,6 +111,11 @@ def edit_options(args, cfg, n: int) -> dict:
     return options
 
 
+def guidance_metadata(g: Guidance) -> dict:
+    """The guidance interval and CADS, where set, in words (the scale has its own key)."""
+    return {} if g.interval == (0.0, 1.0) and g.anneal is None else {"guidance_details": describe_guidance(g)}
+
+
 def edit_metadata(args) -> dict:
     meta = {"negative_prompt": args.negative_prompt} if args.negative_prompt.strip() else {}
     if args.init_image is not None:
@@ -122,6 +128,7 @@ def edit_metadata(args) -> dict:
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     prompts = read_prompts(args)
+    guidance = guidance_from_arguments(args)
     check_edit(args)
     pipe = Pipeline.load(args.checkpoint, args.device)
     options = edit_options(args, pipe.model.cfg, len(prompts))
@@ -129,13 +136,13 @@ def main(argv=None) -> None:
     # model evaluations: from t0 at most t0 + 1; none at strength 0, which returns the picture as it is
     args.steps = 0 if options and t0 is None else sampler_steps(pipe.diffusion, args.sampler, args.steps, t0)
     recorder = DenoisingRecorder(args.steps) if args.gif else None
-    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, args.guidance, args.seed, recorder,
+    images = to_uint8(pipe.generate(prompts, args.sampler, args.steps, guidance, args.seed, recorder,
                                     negative_prompts=args.negative_prompt, **options))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, img) in enumerate(zip(prompts, images)):
         meta = {"prompt": prompt, "seed": args.seed, "index": i, "image_seed": args.seed + i, "sampler": args.sampler,
-                "steps": args.steps, "guidance": args.guidance, "checkpoint": pipe.info["path"], **edit_metadata(args)}
+                "steps": args.steps, "guidance": args.guidance, **guidance_metadata(guidance), "checkpoint": pipe.info["path"], **edit_metadata(args)}
         save_png(to_pil(img), out / f"{i:04d}.png", meta)
     grid = grid_image(images, scale=2)
     save_png(grid, out / "grid.png", {"prompts": " | ".join(dict.fromkeys(prompts)), "seed": args.seed})

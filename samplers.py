@@ -1,8 +1,8 @@
 """Samplers: plain functions of a denoiser `denoiser(x_t, t) -> model output` (predicted noise, plus the
 Improved-DDPM variance channels when the model learns them), k-diffusion style; the schedule math comes
-from `GaussianDiffusion`. Also classifier-free guidance, the bf16 fast path, and image-to-image and
+from `GaussianDiffusion`. Also the bf16 fast path, and image-to-image and
 inpainting around any sampler (`edit_sample`: a start from q_sample at t0, and `inpaint_denoiser`, a
-denoiser wrapper), not inside each.
+denoiser wrapper), not inside each. Guidance (how the prompt steers a denoiser) is in guidance.py.
 """
 import math
 from collections.abc import Sequence
@@ -12,7 +12,6 @@ import torch
 
 from diffusion import Callback, Denoiser, GaussianDiffusion, Generators
 from models.cpu import native_bf16
-from models.text_encoder import concat_conditions
 
 # The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
 # the stochastic solver's fresh noise corrects errors an ODE solver carries to the end.
@@ -315,22 +314,3 @@ def sample(denoiser: Denoiser, diffusion: GaussianDiffusion, shape, sampler: str
                            resample, **kwargs)
     steps = sampler_steps(diffusion, sampler, steps)
     return SAMPLERS[sampler](denoiser, diffusion, x, steps, generator=generator, callback=callback, **kwargs)
-
-
-def guided_denoiser(model, cond, uncond, scale: float) -> Denoiser:
-    """Classifier-free guidance: eps = eps_uncond + scale * (eps_cond - eps_uncond).
-
-    `model(x, t, cond)` is the network; `cond`/`uncond` are the prompt and empty-prompt conditions
-    (TextConditions). scale=1 is exactly the conditional model.
-    Learned variance channels, if any, come from the conditional prediction.
-    """
-    if scale == 1:
-        return lambda x, t: model(x, t, cond)
-    both = concat_conditions([cond, uncond])
-
-    def denoise(x, t):
-        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-        c = x.shape[1]
-        eps = out_u[:, :c] + scale * (out_c[:, :c] - out_u[:, :c])
-        return torch.cat([eps, out_c[:, c:]], dim=1)
-    return denoise

@@ -310,7 +310,7 @@ class Trainer:
         return {
             "config": {"train": asdict(self.cfg), "unet": self.unet_cfg.to_dict(), "schedule": self.cfg.schedule,
                        "timesteps": self.cfg.timesteps, "prediction": self.cfg.prediction},
-            "info": {"dataset": self.data.name, "image_size": self.cfg.image_size, "steps": self.step,
+            "info": {"dataset": self.data.name, "images": len(self.data), "image_size": self.cfg.image_size, "steps": self.step,
                      "epochs": self.epoch, "example_prompts": self.prompts, "history": compact_history(self.history)},
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "scaler": self.scaler.state_dict(), "lr_scheduler": self.lr_sched.state_dict(),

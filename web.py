@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
@@ -27,8 +27,11 @@ import torch
 from starlette.middleware import Middleware
 
 from checkpoints import ModelFileError
+from guidance import DEFAULT_GUIDANCE
 from pipeline import DEFAULT_MODEL, Pipeline
+from preprocess import dataset_styles
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
+from sources.captions import STYLE_NAMES, with_style
 from sources.images import fit_image
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_FRAMES,
@@ -77,10 +80,23 @@ def progress_html(k: int, n: int, text: str = "") -> str:
 def model_card(info: dict) -> str:
     steps = info.get("steps")
     trained = f"{steps:,} training steps ({info.get('epochs', '?')} epochs)" if steps else "training length unknown"
-    return (f"**Model**: `{Path(info.get('path', '?')).name}` · data: **{info.get('dataset', '?')}** · "
+    return (f"**Model**: `{Path(info.get('path', '?')).name}` · trained on **{trained_on(info)}** · "
             f"{info.get('image_size', '?')}×{info.get('image_size', '?')} px · "
             f"{info.get('parameters', 0) / 1e6:.1f}M parameters · {trained}. "
             f"Prompts that suit it look like its training captions, e.g. *{', '.join(examples(info)[:4])}*.")
+
+
+def guided(req: Request):
+    """The app's default guidance (its interval of noise levels and condition annealing) at the request's scale."""
+    return replace(DEFAULT_GUIDANCE, scale=req.guidance)
+
+
+def trained_on(info: dict) -> str:
+    """What the model learned from, in words: "Noto, OpenMoji, EmojiOne emoji and clip art (8,928 pictures)"."""
+    styles, count = dataset_styles(info.get("dataset", "")), info.get("images")
+    words = " and ".join(", ".join(STYLE_NAMES[s] for s in styles).rsplit(", ", 1)) + " pictures" if styles \
+        else str(info.get("dataset", "?"))
+    return words + (f" ({count:,} images)" if isinstance(count, int) else "")
 
 
 def noted(req: Request) -> str:
@@ -122,6 +138,7 @@ class Studio:
     def __init__(self, pipe: Pipeline, out_dir: Path, served: list[Path], upload_dir: str):
         self.pipe, self.out_dir, self.served, self.upload_dir = pipe, out_dir, served, upload_dir
         self.model_name = Path(pipe.info.get("path", "model")).name
+        self.styles = dataset_styles(pipe.info.get("dataset", ""))  # what the style choice offers
 
     def request(self, prompt, n, steps, sampler, guidance, seed, negative_prompt) -> Request:
         return parse_request(prompt, n, steps, sampler, guidance, seed, self.pipe.encoder.token_count, negative_prompt)
@@ -143,7 +160,7 @@ class Studio:
         steps = 0 if options and t0 is None else sampler_steps(self.pipe.diffusion, req.sampler, req.steps, t0)
         meta = {**self.settings(req), **(extra or {})}
         return Work(lambda callback: self.pipe.generate(
-                        [req.prompt] * req.n, req.sampler, req.steps, req.guidance, req.seed, callback,
+                        [req.prompt] * req.n, req.sampler, req.steps, guided(req), req.seed, callback,
                         negative_prompts=req.negative_prompt, **options),
                     steps, req.n, [{**meta, "index": i, "image_seed": req.seed + i} for i in range(req.n)],
                     [f"#{i} · seed {req.seed + i}" for i in range(req.n)], f"· seed {req.seed}{noted(req)}",
@@ -177,7 +194,7 @@ class Studio:
         prompt_b, frames = parse_morph(prompt_b, frames)
         meta = {**self.settings(req), "prompt_b": prompt_b, "image_seed": req.seed, "mode": "morph"}
         weights = [k / (frames - 1) for k in range(frames)]
-        return Work(lambda callback: self.pipe.morph(req.prompt, prompt_b, frames, req.sampler, req.steps, req.guidance,
+        return Work(lambda callback: self.pipe.morph(req.prompt, prompt_b, frames, req.sampler, req.steps, guided(req),
                                                      req.seed, callback, negative_prompt=req.negative_prompt),
                     sampler_steps(self.pipe.diffusion, req.sampler, req.steps), frames,
                     [{**meta, "index": k, "morph_weight": w} for k, w in enumerate(weights)],
@@ -223,6 +240,13 @@ class Studio:
                                                            work.captions, self.out_dir)
                     # the preview keeps the final grid (same file, URL); the summary quotes the prompt: escaped
                     yield gallery, gif, frame_path, html.escape(work.summary)
+
+    def restyle(self, prompt, style):
+        """The prompt box after a style choice: the style's words at its end ("any": none). Odd values (this is
+        a listener, callable like any other) leave the prompt as it was."""
+        if not isinstance(prompt, str) or (style != "any" and style not in self.styles):
+            return gr.skip()
+        return with_style(prompt, None if style == "any" else style)
 
     def reuse(self, evt: gr.SelectData):
         """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""
@@ -290,6 +314,9 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", placeholder="e.g. red apple", max_lines=1, elem_id="prompt")
+                style = gr.Dropdown([("any", "any")] + [(STYLE_NAMES[s], s) for s in studio.styles], value="any",
+                                    label="Style (adds its words to the prompt; typing them works too)",
+                                    elem_id="style", visible=bool(studio.styles))
                 gr.Examples(examples=[[e] for e in examples(pipe.info)], inputs=[prompt], label="Example prompts")
                 negative = gr.Textbox("", label="Negative prompt (what to steer away from)", max_lines=1,
                                       placeholder="e.g. green", elem_id="negative")
@@ -342,6 +369,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                   run_inpaint.click(inpaint, [inpaint_in, prompt, n, *settings], outputs, api_name="inpaint", **shared),
                   run_morph.click(morph, [prompt, prompt_b, frames, *settings], outputs, api_name="morph", **shared)]
         stop.click(None, cancels=events)
+        style.input(studio.restyle, [prompt, style], [prompt], api_visibility="private", show_progress="hidden")
         gallery.select(studio.reuse, None, [prompt, negative, sampler, steps, guidance, seed], api_visibility="private",
                        show_progress="hidden")
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)

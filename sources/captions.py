@@ -1,4 +1,6 @@
 """Captions from names: templates people write, and the held-out rewordings `evaluate` scores."""
+import re
+
 # Captions people write, built from a name n (with article: a) and, for emoji, a CLDR keyword k. Each epoch
 # draws one per image, so the model learns a neighbourhood of the text encoder's space, not one point.
 EMOJI_TEMPLATES = ("{n}", "{a}", "an emoji of {a}", "{n} icon", "{a}, {k}")
@@ -40,3 +42,18 @@ def styled(names, style: str, templates=STYLED_TEMPLATES) -> list[str]:
     if style == "clipart" and templates is STYLED_TEMPLATES:
         templates = CLIPART_TEMPLATES
     return list(dict.fromkeys(t.format(s=s, sa=with_article(s), n=n, a=with_article(n)) for n in names for t in templates))
+
+
+def style_words(style: str) -> str:
+    """The words a prompt ends with to ask for a style, as the training captions put them: ", OpenMoji style"."""
+    return ", clip art" if style == "clipart" else f", {STYLE_NAMES[style]} style"
+
+
+_STYLE_ENDING = re.compile("|".join(re.escape(style_words(s)) + r"\s*$" for s in STYLE_NAMES), re.IGNORECASE)
+
+
+def with_style(prompt: str, style: str | None) -> str:
+    """`prompt` ending in the style's words ("a dog" -> "a dog, OpenMoji style"), after taking off any style words it
+    ended with; style None takes them off (any style)."""
+    bare = _STYLE_ENDING.sub("", prompt.rstrip())
+    return bare if style is None else bare + style_words(style)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import diffusion as D
 import samplers as S
+from guidance import guided_denoiser
 from models.cpu import native_bf16
 from models.modules import attention
 from models.text_encoder import null_condition
@@ -45,7 +46,7 @@ def test_bf16_sampling_is_close_to_fp32():
     model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval()
     diffusion = D.GaussianDiffusion.from_name("cosine", 1000)
     cond = random_condition(2)
-    denoiser = S.guided_denoiser(model, cond, null_condition(2), 3.0)
+    denoiser = guided_denoiser(model, cond, null_condition(2), 3.0)
     run = lambda precision: S.sample(denoiser, diffusion, (2, 3, 32, 32), "dpmpp", 10, precision=precision,
                                      generator=torch.Generator().manual_seed(0), clip_x0=True)
     with torch.inference_mode():

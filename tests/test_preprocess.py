@@ -7,7 +7,8 @@ from safetensors import safe_open
 
 import models.text_encoder
 import sources.emoji_font
-from preprocess import embed_captions, load_dataset
+from preprocess import dataset_styles, embed_captions, load_dataset
+from sources.captions import styled, with_style
 from sources.emoji_font import build_emoji, emoji_dataset
 from sources.image_folder import image_folder
 from sources.images import CaptionedImages
@@ -250,3 +251,27 @@ def test_embed_captions_caches_and_only_loads_the_encoder_for_new_captions(tmp_p
     assert len(created) == 2 and grown["a green apple"][0].shape[1] == 384
     embed_captions(["a green apple", "a red apple"], cache)
     assert len(created) == 2, "the grown cache kept old and new captions"
+
+
+# --- the style a prompt asks for ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, style, expected", [
+    ("a dog", "openmoji", "a dog, OpenMoji style"),
+    ("a dog, OpenMoji style", "clipart", "a dog, clip art"),
+    ("a dog, clip art  ", "noto", "a dog, Noto style"),
+    ("a dog, emojione STYLE", None, "a dog"),
+    ("a dog", None, "a dog"),
+    ("an OpenMoji dog", "emojione", "an OpenMoji dog, EmojiOne style"),  # only the words at the end are the choice's
+])
+def test_with_style_ends_the_prompt_in_the_styles_words_as_training_captions_do(prompt, style, expected):
+    assert with_style(prompt, style) == expected
+    if style:
+        words = with_style(prompt, style).removeprefix(with_style(prompt, None))
+        assert any(c.endswith(words) for c in styled(["dog"], style))  # as a training caption ends
+
+
+def test_a_style_choice_is_offered_for_mixes_of_styles_only():
+    assert dataset_styles("mix") == ["noto", "openmoji", "emojione", "clipart"]
+    assert dataset_styles("noto+clipart") == ["noto", "clipart"]
+    assert dataset_styles("emoji") == [] and dataset_styles("noto") == []  # one style: nothing to choose
+    assert dataset_styles("/no/such/folder") == [] and dataset_styles("") == []

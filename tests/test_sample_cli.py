@@ -93,6 +93,17 @@ def test_any_image_is_redrawn_alone_from_its_image_seed(run):
     assert (pixels(alone / "0000.png") - pixels(batch / "0002.png")).abs().max() <= 1  # bf16/fp32 rounding at most
 
 
+def test_the_guidance_interval_and_cads_change_the_images_and_are_written_into_the_pngs(run):
+    plain = run("--seed", "3", out="plain")
+    varied = run("--seed", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="varied")
+    meta = Image.open(varied / "0000.png").text
+    assert meta["guidance"] == "3.0" and meta["guidance_details"] == "guidance 3 in t/T 0.2-0.8, CADS 0.6-0.9 (s 0.25)"
+    assert "guidance_details" not in Image.open(plain / "0000.png").text
+    assert (pixels(varied / "0000.png") - pixels(plain / "0000.png")).abs().max() > 10
+    again = run("--seed", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="again")
+    assert torch.equal(pixels(again / "0001.png"), pixels(varied / "0001.png"))  # CADS's noise is seeded too
+
+
 BAD = [
     (["--init-image", "{p}/missing.png"], "cannot read --init-image {p}/missing.png: No such file or directory"),
     (["--init-image", "{p}"], "cannot read --init-image {p}: Is a directory"),
@@ -107,6 +118,9 @@ BAD = [
     (["--mask", "{p}/mask.png"], "--strength and --mask need --init-image"),
     (["--strength", "0.5"], "--strength and --mask need --init-image"),
     (["--init-image", "{p}/cut.png"], "cannot read --init-image {p}/cut.png: "),  # found only when decoded
+    (["--guidance-interval", "0.8", "0.2"], "guidance interval must be 0 <= low <= high <= 1 (of t/T), got (0.8, 0.2)"),
+    (["--cads", "0.9", "0.6"], "condition annealing needs 0 <= tau1 < tau2 <= 1 (of t/T), got (0.9, 0.6)"),
+    (["--cads", "0.6", "0.9", "--cads-noise", "-1"], "condition noise must be >= 0, got -1.0"),
 ]
 
 

@@ -68,3 +68,24 @@ def test_bad_input_shows_a_clear_message_in_the_page_and_the_app_keeps_working(p
         set_input(page, name, text)
     page.locator("#generate").click()
     page.get_by_text(f"Done: 1 image(s) of “sun”, seed {seed},").wait_for(timeout=60_000)
+
+
+def test_the_style_choice_writes_its_words_into_the_prompt_and_generates_them(page):
+    """Choosing a style adds its words to the prompt (any other style's words go); "any" takes them off; and the
+    model line says what the model was trained on."""
+    assert "trained on <strong>Noto, OpenMoji, EmojiOne and clip art pictures (" in page.content()
+    set_input(page, "prompt", "sun")
+    prompt = page.locator("#prompt textarea, #prompt input").first
+    for label, expected in (("OpenMoji", "sun, OpenMoji style"), ("clip art", "sun, clip art"), ("any", "sun")):
+        page.locator("#style input").click()
+        page.get_by_role("option", name=label, exact=True).click()
+        page.wait_for_function("([sel, want]) => document.querySelector(sel).value === want",
+                               arg=["#prompt textarea, #prompt input", expected], timeout=30_000)
+        assert prompt.input_value() == expected
+    page.locator("#style input").click()
+    page.get_by_role("option", name="EmojiOne", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea, #prompt input').value.endsWith('style')")
+    set_input(page, "n", "1")
+    set_input(page, "seed", "31")
+    page.locator("#generate").click()
+    page.get_by_text("Done: 1 image(s) of “sun, EmojiOne style”, seed 31,").wait_for(timeout=60_000)

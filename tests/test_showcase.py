@@ -33,3 +33,16 @@ def test_showcase_without_a_saved_history_skips_only_the_loss_curve(tmp_path):
     main(["--checkpoint", str(ckpt), "--data", str(folder), "--out-dir", str(tmp_path / "show"),
           "--prompts", "red square", "--n", "1", "--steps", "2", "--device", "cpu"])
     assert not (tmp_path / "show" / "loss.png").exists() and (tmp_path / "show" / "forward_diffusion.png").exists()
+
+
+def test_a_model_of_several_styles_gets_a_row_per_style_and_its_held_out_pairs(tmp_path):
+    ckpt = tiny_model(tmp_path / "tiny.safetensors", dataset="openmoji+clipart")
+    out = tmp_path / "show"
+    main(["--checkpoint", str(ckpt), "--data", str(make_folder(tmp_path / "shapes")), "--out-dir", str(out),
+          "--prompts", "sun", "--n", "3", "--steps", "2", "--device", "cpu"])
+    styles = Image.open(out / "styles_a_dog.png")
+    assert styles.text["rows"] == "a dog, OpenMoji style | a dog, clip art" and styles.text["seeds"] == "0 to 2"
+    assert abs(styles.width / styles.height - 3 / 2) < 0.1  # 2 rows (styles) of 3 seeds
+    pairs = Image.open(out / "heldout_pairs.png")
+    assert pairs.text["rows"] == "an OpenMoji pizza | an OpenMoji red apple"  # EmojiOne is not among its styles
+    assert (out / "styles_an_apple.png").exists()

@@ -26,6 +26,7 @@ from checkpoints import (
     step_checkpoints,
 )
 from diffusion import GaussianDiffusion
+from guidance import DEFAULT_GUIDANCE
 from models.text_encoder import TextEncoder, collate
 from models.unet import ConditionalUNet, UNetConfig
 from pipeline import generate_images, pick_device
@@ -295,7 +296,8 @@ class Trainer:
         model = self.ema.module.eval()
         cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
         recorder = DenoisingRecorder(steps=DEFAULT_STEPS)
-        images = generate_images(model, self.diffusion, cond, DEFAULT_SAMPLER, DEFAULT_STEPS, 3.0, seed=0, callback=recorder)
+        images = generate_images(model, self.diffusion, cond, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE,
+                                 seed=0, callback=recorder)
         grid_image(to_uint8(images), scale=2).save(self.run_dir / f"{stem}.png")
         recorder.finish(images)
         recorder.save(self.run_dir / f"{stem}.gif")

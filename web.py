@@ -270,9 +270,10 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
     # The endpoints (their names and docstrings are the API's and the MCP tools'). Raw values arrive
     # (preprocess=False) and are checked by web_checks with clear messages; pictures are file references.
     @documented("Text to image: draw `n` pictures of a prompt with the diffusion model, streaming previews.",
-                prompt='what to draw, e.g. "red apple" (the model knows emoji names best)')
+                prompt='what to draw, e.g. "a dog", or in one style: "a dog, OpenMoji style" (styles: Noto, OpenMoji, '
+                       'EmojiOne, clip art)')
     async def generate(prompt: str, n: int = 4, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
-                       guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+                       guidance: float = DEFAULT_GUIDANCE.scale, seed: int = -1, negative_prompt: str = ""):
         async for update in studio.respond(studio.text_to_image, prompt, n, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update
@@ -282,7 +283,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                         "composite (else the background) is the starting picture",
                 strength="how much is redrawn, 0 (the picture as it is) to 1 (ignores it)")
     async def edit_image(picture: dict, prompt: str, strength: float = IMG2IMG_STRENGTH, n: int = 4,
-                         steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
+                         steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = DEFAULT_GUIDANCE.scale,
                          seed: int = -1, negative_prompt: str = ""):
         async for update in studio.respond(studio.image_to_image, picture, prompt, strength, n, steps, sampler,
                                            guidance, seed, negative_prompt):
@@ -293,7 +294,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                         'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}',
                 prompt="what to draw in the painted part")
     async def inpaint(picture: dict, prompt: str, n: int = 4, steps: int = DEFAULT_STEPS,
-                      sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+                      sampler: str = DEFAULT_SAMPLER, guidance: float = DEFAULT_GUIDANCE.scale, seed: int = -1, negative_prompt: str = ""):
         async for update in studio.respond(studio.inpainting, picture, prompt, n, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update
@@ -303,7 +304,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                 prompt="the first frame's prompt", prompt_b="the last frame's prompt",
                 frames=f"number of frames, 2 to {MAX_FRAMES}")
     async def morph(prompt: str, prompt_b: str, frames: int = 8, steps: int = DEFAULT_STEPS,
-                    sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
+                    sampler: str = DEFAULT_SAMPLER, guidance: float = DEFAULT_GUIDANCE.scale, seed: int = -1, negative_prompt: str = ""):
         async for update in studio.respond(studio.morph, prompt, prompt_b, frames, steps, sampler, guidance, seed,
                                            negative_prompt):
             yield update
@@ -348,7 +349,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                 sampler = gr.Dropdown(SAMPLER_CHOICES, value=DEFAULT_SAMPLER, label="Sampler", elem_id="sampler")
                 steps = gr.Number(value=DEFAULT_STEPS, precision=0, label=f"Steps (1 to {MAX_STEPS}; DDPM always runs all {pipe.diffusion.T})",
                                   elem_id="steps")
-                guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.5, label="Guidance scale", elem_id="guidance")
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE.scale, step=0.5, label="Guidance scale", elem_id="guidance")
                 seed = gr.Textbox(value="-1", label="Seed (-1: random)", max_lines=1, elem_id="seed")
             with gr.Column(scale=2):
                 status = gr.HTML(label="Status", elem_id="status")

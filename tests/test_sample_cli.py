@@ -94,13 +94,13 @@ def test_any_image_is_redrawn_alone_from_its_image_seed(run):
 
 
 def test_the_guidance_interval_and_cads_change_the_images_and_are_written_into_the_pngs(run):
-    plain = run("--seed", "3", out="plain")
-    varied = run("--seed", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="varied")
+    plain = run("--seed", "3", "--guidance", "3", out="plain")
+    varied = run("--seed", "3", "--guidance", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="varied")
     meta = Image.open(varied / "0000.png").text
     assert meta["guidance"] == "3.0" and meta["guidance_details"] == "guidance 3 in t/T 0.2-0.8, CADS 0.6-0.9 (s 0.25)"
     assert "guidance_details" not in Image.open(plain / "0000.png").text
     assert (pixels(varied / "0000.png") - pixels(plain / "0000.png")).abs().max() > 10
-    again = run("--seed", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="again")
+    again = run("--seed", "3", "--guidance", "3", "--guidance-interval", "0.2", "0.8", "--cads", "0.6", "0.9", out="again")
     assert torch.equal(pixels(again / "0001.png"), pixels(varied / "0001.png"))  # CADS's noise is seeded too
 
 

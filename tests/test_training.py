@@ -13,6 +13,7 @@ from PIL import Image
 
 import sample
 from checkpoints import compact_history, load_checkpoint, load_weights, save_checkpoint
+from guidance import DEFAULT_GUIDANCE
 from train_config import TrainConfig
 from trainer import Trainer
 
@@ -214,7 +215,8 @@ def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_pa
         assert a.size == (16, 16) and a.tobytes() == b.tobytes()
     meta = Image.open(tmp_path / "a" / "0001.png").text
     assert meta["prompt"] == "blue circle" and meta["seed"] == "7" and meta["sampler"] == "dpmpp_sde"
-    assert meta["steps"] == "5" and meta["guidance"] == "3.0" and meta["checkpoint"].endswith("best.pt")
+    assert meta["steps"] == "5" and meta["guidance"] == str(DEFAULT_GUIDANCE.scale)
+    assert meta["checkpoint"].endswith("best.pt")
     with Image.open(tmp_path / "a" / "process.gif") as gif:
         assert gif.n_frames == 6
     sample.main(["--checkpoint", str(trained_run / "ema.safetensors"), "--prompt", "red square",

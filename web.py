@@ -30,6 +30,7 @@ from checkpoints import ModelFileError
 from pipeline import DEFAULT_MODEL, Pipeline
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
 from sources.images import fit_image
+from web_calls import CheckedBlocks
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_FRAMES,
     MAX_GUIDANCE,
@@ -54,6 +55,7 @@ EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browse
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
 MASK_COLOR = "#ff00ff"
+ENDPOINTS = ("generate", "edit_image", "inpaint", "morph")  # the API's names (and the MCP tools')
 
 
 @dataclass
@@ -224,9 +226,12 @@ class Studio:
                     # the preview keeps the final grid (same file, URL); the summary quotes the prompt: escaped
                     yield gallery, gif, frame_path, html.escape(work.summary)
 
-    def reuse(self, evt: gr.SelectData):
-        """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""
-        image = evt.value.get("image") if isinstance(evt.value, dict) else None
+    def reuse(self, evt: gr.EventData):
+        """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs.
+        Plain EventData: gr.SelectData reads the client's event data (its index) before this runs, and fails."""
+        data = getattr(evt, "_data", None)
+        value = data.get("value") if isinstance(data, dict) else None
+        image = value.get("image") if isinstance(value, dict) else None
         req = reused_request(image.get("path") if isinstance(image, dict) else None, self.served)
         if req is None:
             return [gr.skip()] * 6
@@ -284,7 +289,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                                            negative_prompt):
             yield update
 
-    with gr.Blocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
+    with CheckedBlocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
         gr.Markdown("# Text to image diffusion\nType a prompt and watch the images emerge from noise.")
         gr.Markdown(model_card(pipe.info))
         with gr.Row():
@@ -392,7 +397,7 @@ def main(argv=None) -> None:
     os.environ["FORWARDED_ALLOW_IPS"] = args.trusted_proxy
     app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
     guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
-                       hide_api_from_login_page=auth is not None)
+                       hide_api_from_login_page=auth is not None, endpoints=ENDPOINTS)
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,

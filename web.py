@@ -104,6 +104,7 @@ ARGUMENTS = {
     "seed": "a whole number (as text) for repeatable images, -1 for a random one",
     "negative_prompt": 'what to steer away from ("" for nothing)',
 }
+MCP_FILES = "; as an MCP tool, each file is a base64 data: URL (other URLs are not fetched)"
 RETURNS = "the images, a GIF (of the denoising, or of the morph), the last preview, and a status line with the seed"
 
 
@@ -260,7 +261,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
 
     @documented("Image to image (SDEdit): redraw a picture or a sketch to fit a prompt.",
                 picture='the image editor\'s value: {"background": file, "layers": [...], "composite": file}; the '
-                        "composite (else the background) is the starting picture",
+                        f"composite (else the background) is the starting picture{MCP_FILES}",
                 strength="how much is redrawn, 0 (the picture as it is) to 1 (ignores it)")
     async def edit_image(picture: dict, prompt: str, strength: float = IMG2IMG_STRENGTH, n: int = 4,
                          steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0,
@@ -271,7 +272,8 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
 
     @documented("Inpainting (RePaint): redraw only the painted part of a picture; the rest stays as it is.",
                 picture='the image editor\'s value: {"background": the picture, "layers": [the painted mask: '
-                        'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}',
+                        'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}'
+                        + MCP_FILES,
                 prompt="what to draw in the painted part")
     async def inpaint(picture: dict, prompt: str, n: int = 4, steps: int = DEFAULT_STEPS,
                       sampler: str = DEFAULT_SAMPLER, guidance: float = 3.0, seed: int = -1, negative_prompt: str = ""):
@@ -398,6 +400,9 @@ def main(argv=None) -> None:
     app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
     guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
                        hide_api_from_login_page=auth is not None, endpoints=ENDPOINTS)
+    if args.mcp:
+        from web_mcp import serve_tools_with_pictures
+        serve_tools_with_pictures()
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,

@@ -30,7 +30,7 @@ from checkpoints import ModelFileError
 from pipeline import DEFAULT_MODEL, Pipeline
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
 from sources.images import fit_image
-from web_calls import CheckedBlocks
+from web_calls import CheckedBlocks, result_unread
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_FRAMES,
     MAX_GUIDANCE,
@@ -48,7 +48,7 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
     reused_request,
 )
 from web_guard import LoginThrottle, WebGuard
-from web_results import Job, display_scale, morph_frames, save_results, stream_generation
+from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames, save_results, stream_generation
 
 MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back as pages
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
@@ -196,16 +196,21 @@ class Studio:
         except Exception:  # a check of ours that failed: logged in full, and still a sentence for the client
             traceback.print_exc()
             raise gr.Error("the request could not be read; please check its inputs", print_exception=False) from None
+        unread = result_unread()  # asked now, while Gradio's context names this call
         yield None, None, None, progress_html(0, work.steps, work.status)
         try:
-            async for update in self.stream(work):
+            async for update in self.stream(work, unread):
                 yield update
+        except Unread:  # a client that posted a call and never opened its result stream: the worker is freed
+            print(f"generation cancelled: nobody read its results within {READ_WITHIN_S} s", flush=True)
+            raise gr.Error(f"cancelled: nobody read the results within {READ_WITHIN_S} s of the start (open the "
+                           "result stream right after the call)", print_exception=False) from None
         except Exception as error:  # a fault of ours: logged in full here, summarised for the user
             traceback.print_exc()
             raise gr.Error(f"generation failed ({type(error).__name__}: {error}); please try again",
                            print_exception=False) from None
 
-    async def stream(self, work: Work):
+    async def stream(self, work: Work, unread=None):
         # Previews go out as PNG files of our own, not PIL images: Gradio rewrites a PIL output's cache file
         # in place, so a user still downloading an identical earlier frame would get a truncated file;
         # files are copied into the cache atomically and never rewritten. And plain values only, never
@@ -213,7 +218,7 @@ class Studio:
         scale = display_scale(work.n, self.pipe.model.cfg.image_size)
         with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=PREVIEW_DIR_PREFIX) as frames:
             frame_path = None
-            async for kind, value in stream_generation(work.job, work.steps, scale):
+            async for kind, value in stream_generation(work.job, work.steps, scale, unread):
                 if kind == "frame":
                     frame, done = value
                     frame_path = str(Path(frames) / f"step{done:04d}.png")

@@ -4,14 +4,19 @@ Gradio refuses some calls itself, before an endpoint's code runs, and a client t
 the log gets a traceback: too few values, a value the image editors' data model refuses, a file reference
 outside the upload folder, and a click whose event data names such a file. CheckedBlocks makes the same
 checks first and raises each as a gr.Error with a one-line message (and no traceback in the log).
+And result_unread tells whether anyone reads the results of the call being run: Gradio runs a call whether
+or not a client ever opens its result stream.
 """
 import inspect
 
 import gradio as gr
 import pydantic
+from gradio.context import LocalContext
 from gradio_client.utils import is_file_obj, is_file_obj_with_meta, traverse
 
 from web_checks import InputError, file_inside
+
+UNREAD_MESSAGES = 2  # a stream's reader takes each message as it comes; without one, they pile up
 
 EDITOR_VALUE = ('{"background": file or null, "layers": [file, ...], "composite": file or null}, a file being '
                 '{"path": ..., "meta": {"_type": "gradio.FileData"}} (gradio_client: handle_file)')
@@ -66,3 +71,17 @@ class CheckedBlocks(gr.Blocks):
         except InputError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return await super().process_api(*args, event_data=event_data, **kwargs)
+
+
+def result_unread():
+    """For the call being run now (in Gradio's queue), a check that nobody reads its results: the messages Gradio
+    keeps for its session until a client's stream takes them pile up. None outside the queue."""
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    event = queue.event_ids_to_events.get(event_id) if queue is not None and event_id else None
+    if event is None:
+        return None
+    session = event.session_hash
+    return lambda: (messages := queue.pending_messages_per_session.get(session)) is not None and \
+        messages.qsize() >= UNREAD_MESSAGES
+

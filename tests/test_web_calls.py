@@ -1,6 +1,6 @@
-"""Calls that Gradio checks before the app's code runs (web_calls.py, web_guard.py): too few values, values that
-are not editor-shaped, odd click events, unknown endpoints. Each gets a one-line message and no traceback in the
-log, through the raw HTTP API against a real server on 127.0.0.1."""
+"""Raw HTTP API calls against a real server on 127.0.0.1. Calls that Gradio checks before the app's code runs
+(web_calls.py, web_guard.py): too few values, values that are not editor-shaped, odd click events, unknown
+endpoints; each gets a one-line message and no traceback in the log. And a call whose results nobody reads."""
 import json
 import re
 import time
@@ -8,7 +8,9 @@ import time
 import httpx
 import pytest
 
-from tests.webserver import start_server, tiny_model
+from tests.waits import wait_for
+from tests.webserver import assert_stopped_early, start_server, tiny_model
+from web_results import READ_WITHIN_S
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,17 @@ def test_an_unknown_endpoint_is_404_naming_the_endpoints(server):
         assert r.status_code == 404, (route, r.status_code, r.text)
         assert_one_line(r.json()["detail"], "there is no endpoint", "the endpoints are generate, edit_image, inpaint, morph")
     assert "Traceback" not in server.log_text(log_from), server.log_text(log_from)[-3000:]
+
+
+def test_a_call_whose_results_nobody_reads_is_cancelled_and_frees_the_worker(server):
+    log_from = len(server.log_text())
+    unread = httpx.post(server.url + "gradio_api/call/generate", json={"data": ["sun", 16, 200, "ddpm", 3, 0, ""]})
+    assert unread.status_code == 200, unread.text  # 16 images x 1000 DDPM steps; its result stream is never opened
+    start = time.monotonic()
+    r = httpx.post(server.url + "gradio_api/call/generate", json={"data": ["sun", 1, 2, "dpmpp", 3, 0, ""]})
+    events = httpx.get(server.url + f"gradio_api/call/generate/{r.json()['event_id']}", timeout=120).text
+    assert "event: complete" in events, events[-300:]
+    assert time.monotonic() - start < READ_WITHIN_S + 60, "the unread call held the worker"
+    wait_for(lambda: "generation cancelled: nobody read its results" in server.log_text(log_from), 60,
+             "the log line that the unread call was cancelled")
+    assert_stopped_early(server, 1000, log_from)

@@ -50,8 +50,9 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
 from web_guard import LoginThrottle, WebGuard
 from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames, save_results, stream_generation
 
-MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back as pages
+MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
+RESULT_COPIES = "results"  # the folder of Gradio's upload folder where Gradio copies our results (never an upload's)
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
 MASK_COLOR = "#ff00ff"
@@ -343,6 +344,8 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                                      format="png", buttons=["download", "download_all"], elem_id="gallery")
                 gif = gr.Image(label="GIF (the denoising, or the morph)", type="filepath", interactive=False,
                                elem_id="gif", buttons=["download"])
+        for shown in (gallery, gif, preview):  # copied apart from the uploads (in hash-named folders), so that only
+            shown.GRADIO_CACHE = str(Path(studio.upload_dir) / RESULT_COPIES)  # results are served
         settings, outputs = [steps, sampler, guidance, seed, negative], [gallery, gif, preview, status]
         # the buttons and Enter share one concurrency group, so `concurrency` bounds them together
         shared = dict(preprocess=False, concurrency_id="generate", concurrency_limit=concurrency, show_progress="hidden")
@@ -394,16 +397,17 @@ def main(argv=None) -> None:
     except ModelFileError as error:
         raise SystemExit(f"error: cannot load a model: {error}") from None
     out_dir = Path(args.out_dir).resolve()
-    # Gradio's cache (its copies of our results, and whatever is sent to its upload route) lies beside the
-    # output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves only the
-    # PNGs and GIFs in these two folders, as images
+    # Gradio's cache (whatever is sent to its upload route, and in RESULT_COPIES its copies of our results) lies
+    # beside the output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves
+    # only the PNGs and GIFs of the output folder and of RESULT_COPIES, as images (never an upload)
     cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
+    copies = cache_dir / RESULT_COPIES
     # uvicorn believes X-Forwarded-For from FORWARDED_ALLOW_IPS, 127.0.0.1 unless set: a local client could then
     # send a new address with every guessed password and never be throttled
     os.environ["FORWARDED_ALLOW_IPS"] = args.trusted_proxy
-    app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
-    guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
+    app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, copies], str(cache_dir))
+    guard = Middleware(WebGuard, served=[out_dir, copies], throttle=LoginThrottle() if auth else None,
                        hide_api_from_login_page=auth is not None, endpoints=ENDPOINTS)
     if args.mcp:
         from web_mcp import serve_tools_with_pictures

@@ -3,9 +3,9 @@
 - A request body over `max_body` bytes is answered 413 before any route reads it (a 45 MB prompt once froze
   every route for seconds while it was parsed and cleaned).
 - The file routes (`/gradio_api/file=...`, `/file/`, `/proxy=`) serve only PNG and GIF files under the folders
-  the app writes to (its output folder, Gradio's cache of it), checked by their first bytes and sent as
-  image/png or image/gif with `X-Content-Type-Options: nosniff`. Anything else, such as an .html or .svg that
-  someone uploaded, is 404: never a page on the app's origin.
+  the app writes to (its output folder, the folder of Gradio's copies of its results), checked by their first
+  bytes and sent as image/png or image/gif with `X-Content-Type-Options: nosniff`. Anything else, such as an
+  uploaded picture, .html or .svg, is 404: no upload is served back.
 - A call of an endpoint that does not exist is 404 with the names of those that do (Gradio answered 500 and
   logged a traceback).
 - With --auth: failed logins are counted per client address, and after a few each further attempt must wait

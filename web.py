@@ -53,6 +53,9 @@ from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames,
 MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
 RESULT_COPIES = "results"  # the folder of Gradio's upload folder where Gradio copies our results (never an upload's)
+# Gradio keeps a copy of the page's config per session (about 64 KB), and every raw API call without a session
+# is a new one: 10,000 by default. The app keeps nothing in them (no gr.State), so few are kept
+MAX_SESSIONS = 200
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
 MASK_COLOR = "#ff00ff"
@@ -415,6 +418,7 @@ def main(argv=None) -> None:
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
+               state_session_capacity=MAX_SESSIONS,
                ssr_mode=False, app_kwargs={"middleware": [guard]})  # no Node server rendering pages past the guard
 
 

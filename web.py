@@ -4,10 +4,11 @@ a sketch, repaint part of a picture, or morph one prompt into another.
     python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password] [--trusted-proxy ADDR] [--mcp]
 
 The model loads once; a bounded queue serves users in turn. Every input is checked on the server
-(web_checks.py), so a bad request gets a clear message and never a traceback; web_results.py streams each
-generation's previews and keeps its results; web_guard.py caps request bodies, serves only the app's own images
-and, with --auth, hides the API from the login page and slows password guessing. Each feature is a named API
-endpoint (generate, edit_image, inpaint, morph) for gradio_client, and with --mcp a Model Context Protocol tool.
+(web_checks.py; what Gradio checks first, web_calls.py), so a bad request gets a clear message and never a
+traceback; web_results.py streams each generation's previews (cancelled if nobody reads them) and keeps its
+results; web_guard.py caps request bodies, serves only the app's own images and, with --auth, hides the API from
+the login page and slows password guessing. Each feature is a named API endpoint (generate, edit_image, inpaint,
+morph) for gradio_client, and with --mcp a Model Context Protocol tool (web_mcp.py).
 """
 import argparse
 import asyncio

@@ -11,7 +11,7 @@ from tests.test_web_faults import python_heap_mb
 from tests.webserver import start_server, tiny_model
 
 WARM_UP, MEASURED, TIME_LIMIT_S = 400, 2000, 1500
-MAX_KB_PER_CALL = 12  # measured 6.9 after the warm-up; some 40 while every session was kept
+MAX_KB_PER_CALL = 12  # measured 6.9 and 7.0 after the warm-up; 70 while Gradio kept 10,000 sessions
 
 
 def raw_calls(url: str, count: int, deadline: float) -> None:
@@ -24,7 +24,7 @@ def raw_calls(url: str, count: int, deadline: float) -> None:
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_across_thousands_of_raw_api_calls(tmp_path):
+def test_memory_grows_little_across_thousands_of_raw_api_calls(tmp_path):
     probe = tmp_path / "heap.txt"
     with start_server(tiny_model(tmp_path / "tiny.safetensors"), tmp_path / "out", script="tests/memory_probe.py",
                       env={"MEMORY_PROBE_FILE": str(probe)}) as srv:

@@ -99,25 +99,22 @@ def save_weights(state_dict: dict, metadata: dict, path) -> None:
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def declared_bytes(f) -> int:
-    """Bytes the tensors of an open safetensors file declare, from its header alone (nothing is read)."""
-    sizes = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-    slices = [f.get_slice(k) for k in f.keys()]
-    return sum(math.prod(t.get_shape()) * sizes.get(t.get_dtype(), 8) for t in slices)
+# safetensors dtype -> (torch's name for it, bytes per element)
+SAFETENSORS_DTYPES = {"BOOL": ("bool", 1), "U8": ("uint8", 1), "I8": ("int8", 1), "F8_E4M3": ("float8_e4m3fn", 1),
+                      "F8_E5M2": ("float8_e5m2", 1), "I16": ("int16", 2), "U16": ("uint16", 2), "F16": ("float16", 2),
+                      "BF16": ("bfloat16", 2), "I32": ("int32", 4), "U32": ("uint32", 4), "F32": ("float32", 4),
+                      "I64": ("int64", 8), "U64": ("uint64", 8), "F64": ("float64", 8)}
 
 
-def load_weights(path) -> tuple[dict, dict]:
-    """(tensors, metadata with its JSON values decoded) of a safetensors file; ModelFileError if it is not one, or
-    if its header declares more than MAX_WEIGHT_BYTES (refused before any tensor is read)."""
+def weights_header(path) -> tuple[dict[str, tuple[str, tuple]], dict]:
+    """({tensor name: (dtype as torch names it, shape)}, metadata with its JSON values decoded) of a safetensors
+    file, from its header alone (no tensor is read); ModelFileError if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw, size = f.metadata() or {}, declared_bytes(f)
-        if size > MAX_WEIGHT_BYTES:
-            raise ModelFileError(f"weights file {path} declares {size / 1e9:,.1f} GB of tensors; refused before "
-                                 f"reading any, the limit is {MAX_WEIGHT_BYTES / 1e9:.0f} GB")
-        tensors = load_file(str(path))
-    except (FileNotFoundError, ModelFileError):
+            slices, raw = {k: f.get_slice(k) for k in f.keys()}, f.metadata() or {}
+            header = {k: (SAFETENSORS_DTYPES.get(t.get_dtype(), (t.get_dtype(), 8))[0], tuple(t.get_shape()))
+                      for k, t in slices.items()}
+    except FileNotFoundError:
         raise
     except OSError as e:
         raise ModelFileError(f"cannot read weights file {path}: {e.strerror or error_line(e)}") from e
@@ -129,7 +126,35 @@ def load_weights(path) -> tuple[dict, dict]:
             meta[key] = json.loads(value)
         except (ValueError, RecursionError) as e:  # also a number too long to convert, or arrays nested too deep
             raise ModelFileError(f"weights file {path}: its metadata entry {key!r} is not valid JSON ({error_line(e, 80)})") from e
-    return tensors, meta
+    return header, meta
+
+
+def declared_bytes(header: dict[str, tuple[str, tuple]]) -> int:
+    """Bytes the tensors of a weights_header declare."""
+    sizes = dict(SAFETENSORS_DTYPES.values())
+    return sum(math.prod(shape) * sizes.get(dtype, 8) for dtype, shape in header.values())
+
+
+def read_tensors(path, header: dict) -> dict:
+    """The tensors of a safetensors file whose weights_header is `header`; refused before any is read if the
+    header declares more than MAX_WEIGHT_BYTES."""
+    size = declared_bytes(header)
+    if size > MAX_WEIGHT_BYTES:
+        raise ModelFileError(f"weights file {path} declares {size / 1e9:,.1f} GB of tensors; refused before "
+                             f"reading any, the limit is {MAX_WEIGHT_BYTES / 1e9:.0f} GB")
+    try:
+        return load_file(str(path))
+    except OSError as e:
+        raise ModelFileError(f"cannot read weights file {path}: {e.strerror or error_line(e)}") from e
+    except Exception as e:  # data that does not match a header that parsed
+        raise ModelFileError(f"weights file {path} is truncated or not a safetensors file ({error_line(e)})") from e
+
+
+def load_weights(path) -> tuple[dict, dict]:
+    """(tensors, metadata with its JSON values decoded) of a safetensors file; ModelFileError if it is not one, or
+    if its header declares more than MAX_WEIGHT_BYTES (refused before any tensor is read)."""
+    header, meta = weights_header(path)
+    return read_tensors(path, header), meta
 
 
 def step_checkpoints(run_dir) -> list[Path]:
@@ -196,7 +221,7 @@ def compact_history(history: dict, points: int = 400) -> dict:
             "val_step": list(history["val_step"]), "val_loss": list(history["val_loss"])}
 
 
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 # what the info of a model file may hold, and the type of each entry (checked: the app and showcase show them)
 INFO_TYPES = {"dataset": (str,), "image_size": (int,), "steps": (int,), "epochs": (int,), "example_prompts": (list, tuple),
               "history": (dict,)}
@@ -224,44 +249,66 @@ def _check_info(info, path) -> dict:
     return info
 
 
+def _check_dtypes(dtypes: dict[str, str], path) -> None:
+    """Every weight floating point: `dtypes` maps weight names to dtypes as torch names them (float32, ...)."""
+    for name, dtype in dtypes.items():
+        if dtype not in WEIGHT_DTYPES:
+            raise ModelFileError(f"{path}: weight {name} has dtype {dtype}; model weights are floating point "
+                                 "(float32, float16, bfloat16 or float64)")
+
+
 def _check_weights(weights: dict, path) -> dict:
     for name, tensor in weights.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise ModelFileError(f"{path}: its weights should map names to tensors; found {type(name).__name__} -> "
                                  f"{type(tensor).__name__}")
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise ModelFileError(f"{path}: weight {name} has dtype {str(tensor.dtype).removeprefix('torch.')}; "
-                                 "model weights are floating point (float32, float16, bfloat16 or float64)")
+    _check_dtypes({name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()}, path)
+    for name, tensor in weights.items():
         if not torch.isfinite(tensor).all():
             raise ModelFileError(f"{path}: weight {name} holds NaN or infinite values")
     return weights
 
 
-def read_model_file(path) -> tuple[dict, dict, dict]:
+def _checked_config(config, path) -> dict:
+    if not isinstance(config, dict) or not isinstance(config.get("unet"), dict):
+        raise ModelFileError(f"{path} holds no model config; is it a checkpoint of this project?")
+    return config
+
+
+def _checkpoint_contents(path) -> tuple[dict, dict, dict]:
+    """(weights, config, info) of a training checkpoint (.pt)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise ModelFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this project (a "
+                             "mapping with config and ema)")
+    missing = [k for k in ("config", "ema") if k not in ckpt]
+    if missing:
+        raise ModelFileError(f"{path} is not a complete checkpoint of this project (missing: {', '.join(missing)})")
+    if not isinstance(ckpt["ema"], dict):
+        raise ModelFileError(f"{path}: its ema entry is a {type(ckpt['ema']).__name__}, not a mapping of weights")
+    weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()
+               if isinstance(k, str) and k.startswith("module.")}
+    if not weights:
+        raise ModelFileError(f"{path}: its ema entry holds no model weights")
+    return _check_weights(weights, path), _checked_config(ckpt["config"], path), ckpt.get("info", {})
+
+
+def read_model_file(path, fits=None) -> tuple[dict, dict, dict]:
     """(EMA weights, config, info) of a training checkpoint (.pt), a run folder or a .safetensors file.
 
     Whatever is wrong with the file (missing, a symlink loop, not a checkpoint, pickled code, a forged header,
-    wrong types or dtypes) is one ModelFileError naming it; pipeline.load_model then checks that the config
-    is a sane model and that the weights fit it."""
+    wrong types or dtypes) is one ModelFileError naming it. `fits(config, {weight name: shape})`, if given,
+    checks that the weights fit the config (pipeline.load_model's check): for a .safetensors file it runs on
+    the header, before any tensor is read, so a file with an extra or oversized tensor allocates nothing."""
     path = resolve_checkpoint(path)
-    if path.suffix == ".safetensors":
-        weights, meta = load_weights(path)
-        config, info = meta.get("config"), meta.get("info", {})
-    else:
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict):
-            raise ModelFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this project (a "
-                                 "mapping with config and ema)")
-        missing = [k for k in ("config", "ema") if k not in ckpt]
-        if missing:
-            raise ModelFileError(f"{path} is not a complete checkpoint of this project (missing: {', '.join(missing)})")
-        if not isinstance(ckpt["ema"], dict):
-            raise ModelFileError(f"{path}: its ema entry is a {type(ckpt['ema']).__name__}, not a mapping of weights")
-        config, info = ckpt["config"], ckpt.get("info", {})
-        weights = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()
-                   if isinstance(k, str) and k.startswith("module.")}
-        if not weights:
-            raise ModelFileError(f"{path}: its ema entry holds no model weights")
-    if not isinstance(config, dict) or not isinstance(config.get("unet"), dict):
-        raise ModelFileError(f"{path} holds no model config; is it a checkpoint of this project?")
-    return _check_weights(weights, path), config, _check_info(info, path)
+    if path.suffix != ".safetensors":
+        weights, config, info = _checkpoint_contents(path)
+        if fits is not None:
+            fits(config, {name: tuple(t.shape) for name, t in weights.items()})
+        return weights, config, _check_info(info, path)
+    header, meta = weights_header(path)
+    config, info = _checked_config(meta.get("config"), path), _check_info(meta.get("info", {}), path)
+    _check_dtypes({name: dtype for name, (dtype, _) in header.items()}, path)
+    if fits is not None:
+        fits(config, {name: shape for name, (_, shape) in header.items()})
+    return _check_weights(read_tensors(path, header), path), config, info

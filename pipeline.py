@@ -159,8 +159,8 @@ def _diffusion(config: dict, path) -> GaussianDiffusion:
     return GaussianDiffusion.from_name(schedule, timesteps, prediction)
 
 
-def _shape_check(cfg: UNetConfig, weights: dict, path) -> None:
-    """Count the config's parameters and compare the weights' names and shapes with it, allocating nothing."""
+def _shape_check(cfg: UNetConfig, given: dict[str, tuple], path) -> None:
+    """Count the config's parameters and compare the weights' names and shapes (`given`) with it, allocating nothing."""
     try:
         with torch.device("meta"):
             shapes = ConditionalUNet(cfg)
@@ -171,7 +171,6 @@ def _shape_check(cfg: UNetConfig, weights: dict, path) -> None:
         raise ModelFileError(f"{path}: its config describes a model of {count:,} parameters ({count * 4 / 2 ** 30:,.0f} "
                              f"GiB as float32); refused, the limit is {MAX_PARAMETERS:,}")
     expected = {name: tuple(t.shape) for name, t in shapes.state_dict().items()}
-    given = {name: tuple(t.shape) for name, t in weights.items()}
     wrong = [f"{name} is {given[name]}, the config needs {shape}" for name, shape in expected.items()
              if name in given and given[name] != shape]
     missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
@@ -179,6 +178,13 @@ def _shape_check(cfg: UNetConfig, weights: dict, path) -> None:
                 for what, items in (("of wrong shape", wrong), ("missing", missing), ("unexpected", extra)) if items]
     if problems:
         raise ModelFileError(f"{path}: its weights do not fit its config: {'; '.join(problems)}")
+
+
+def model_spec(config: dict, shapes: dict[str, tuple], path) -> tuple[UNetConfig, GaussianDiffusion]:
+    """The U-Net config and schedule of a model file whose weights have these names and `shapes`, or ModelFileError."""
+    cfg, diffusion = unet_config(config["unet"], path), _diffusion(config, path)
+    _shape_check(cfg, shapes, path)
+    return cfg, diffusion
 
 
 def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, GaussianDiffusion, dict]:
@@ -192,9 +198,9 @@ def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, 
                                          "pass --checkpoint with a checkpoint file or training run folder")
         path = DEFAULT_MODEL
     path = resolve_checkpoint(path)
-    weights, config, info = read_model_file(path)
-    cfg, diffusion = unet_config(config["unet"], path), _diffusion(config, path)
-    _shape_check(cfg, weights, path)
+    spec = []  # a .safetensors file is checked from its header, before any tensor is read
+    weights, config, info = read_model_file(path, lambda config, shapes: spec.append(model_spec(config, shapes, path)))
+    cfg, diffusion = spec[0]
     model = ConditionalUNet(cfg)
     try:
         model.load_state_dict(weights)

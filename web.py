@@ -4,10 +4,11 @@ a sketch, repaint part of a picture, or morph one prompt into another.
     python web.py [--checkpoint CKPT] [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password] [--trusted-proxy ADDR] [--mcp]
 
 The model loads once; a bounded queue serves users in turn. Every input is checked on the server
-(web_checks.py), so a bad request gets a clear message and never a traceback; web_results.py streams each
-generation's previews and keeps its results; web_guard.py caps request bodies, serves only the app's own images
-and, with --auth, hides the API from the login page and slows password guessing. Each feature is a named API
-endpoint (generate, edit_image, inpaint, morph) for gradio_client, and with --mcp a Model Context Protocol tool.
+(web_checks.py; what Gradio checks first, web_calls.py), so a bad request gets a clear message and never a
+traceback; web_results.py streams each generation's previews (cancelled if nobody reads them) and keeps its
+results; web_guard.py caps request bodies, serves only the app's own images and, with --auth, hides the API from
+the login page and slows password guessing. Each feature is a named API endpoint (generate, edit_image, inpaint,
+morph) for gradio_client, and with --mcp a Model Context Protocol tool (web_mcp.py).
 """
 import argparse
 import asyncio
@@ -33,6 +34,7 @@ from preprocess import dataset_styles
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, IMG2IMG_STRENGTH, RESAMPLE, sampler_steps
 from sources.captions import STYLE_NAMES, with_style
 from sources.images import fit_image
+from web_calls import CheckedBlocks, result_unread
 from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for callers of web)
     MAX_FRAMES,
     MAX_GUIDANCE,
@@ -50,13 +52,18 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
     reused_request,
 )
 from web_guard import LoginThrottle, WebGuard
-from web_results import Job, display_scale, morph_frames, save_results, stream_generation
+from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames, save_results, stream_generation
 
-MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back as pages
+MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
+RESULT_COPIES = "results"  # the folder of Gradio's upload folder where Gradio copies our results (never an upload's)
+# Gradio keeps a copy of the page's config per session (about 64 KB), and every raw API call without a session
+# is a new one: 10,000 by default. The app keeps nothing in them (no gr.State), so few are kept
+MAX_SESSIONS = 200
 PREVIEW_DIR_PREFIX = ".previews-"  # a generation's preview frames, removed when it ends
 DEFAULT_EXAMPLES = ["red apple", "tropical fish", "grinning face", "rocket", "red heart", "sun"]
 MASK_COLOR = "#ff00ff"
+ENDPOINTS = ("generate", "edit_image", "inpaint", "morph")  # the API's names (and the MCP tools')
 
 
 @dataclass
@@ -118,6 +125,7 @@ ARGUMENTS = {
     "seed": "a whole number (as text) for repeatable images, -1 for a random one",
     "negative_prompt": 'what to steer away from ("" for nothing)',
 }
+MCP_FILES = "; as an MCP tool, each file is a base64 data: URL (other URLs are not fetched)"
 RETURNS = "the images, a GIF (of the denoising, or of the morph), the last preview, and a status line with the seed"
 
 
@@ -210,16 +218,21 @@ class Studio:
         except Exception:  # a check of ours that failed: logged in full, and still a sentence for the client
             traceback.print_exc()
             raise gr.Error("the request could not be read; please check its inputs", print_exception=False) from None
+        unread = result_unread()  # asked now, while Gradio's context names this call
         yield None, None, None, progress_html(0, work.steps, work.status)
         try:
-            async for update in self.stream(work):
+            async for update in self.stream(work, unread):
                 yield update
+        except Unread:  # a client that posted a call and never opened its result stream: the worker is freed
+            print(f"generation cancelled: nobody read its results within {READ_WITHIN_S} s", flush=True)
+            raise gr.Error(f"cancelled: nobody read the results within {READ_WITHIN_S} s of the start (open the "
+                           "result stream right after the call)", print_exception=False) from None
         except Exception as error:  # a fault of ours: logged in full here, summarised for the user
             traceback.print_exc()
             raise gr.Error(f"generation failed ({type(error).__name__}: {error}); please try again",
                            print_exception=False) from None
 
-    async def stream(self, work: Work):
+    async def stream(self, work: Work, unread=None):
         # Previews go out as PNG files of our own, not PIL images: Gradio rewrites a PIL output's cache file
         # in place, so a user still downloading an identical earlier frame would get a truncated file;
         # files are copied into the cache atomically and never rewritten. And plain values only, never
@@ -227,7 +240,7 @@ class Studio:
         scale = display_scale(work.n, self.pipe.model.cfg.image_size)
         with tempfile.TemporaryDirectory(dir=self.out_dir, prefix=PREVIEW_DIR_PREFIX) as frames:
             frame_path = None
-            async for kind, value in stream_generation(work.job, work.steps, scale):
+            async for kind, value in stream_generation(work.job, work.steps, scale, unread):
                 if kind == "frame":
                     frame, done = value
                     frame_path = str(Path(frames) / f"step{done:04d}.png")
@@ -248,9 +261,12 @@ class Studio:
             return gr.skip()
         return with_style(prompt, None if style == "any" else style)
 
-    def reuse(self, evt: gr.SelectData):
-        """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs."""
-        image = evt.value.get("image") if isinstance(evt.value, dict) else None
+    def reuse(self, evt: gr.EventData):
+        """A clicked result's prompt, negative prompt, sampler, steps, guidance and own seed, back in the inputs.
+        Plain EventData: gr.SelectData reads the client's event data (its index) before this runs, and fails."""
+        data = getattr(evt, "_data", None)
+        value = data.get("value") if isinstance(data, dict) else None
+        image = value.get("image") if isinstance(value, dict) else None
         req = reused_request(image.get("path") if isinstance(image, dict) else None, self.served)
         if req is None:
             return [gr.skip()] * 6
@@ -280,7 +296,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
 
     @documented("Image to image (SDEdit): redraw a picture or a sketch to fit a prompt.",
                 picture='the image editor\'s value: {"background": file, "layers": [...], "composite": file}; the '
-                        "composite (else the background) is the starting picture",
+                        f"composite (else the background) is the starting picture{MCP_FILES}",
                 strength="how much is redrawn, 0 (the picture as it is) to 1 (ignores it)")
     async def edit_image(picture: dict, prompt: str, strength: float = IMG2IMG_STRENGTH, n: int = 4,
                          steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, guidance: float = DEFAULT_GUIDANCE.scale,
@@ -291,7 +307,8 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
 
     @documented("Inpainting (RePaint): redraw only the painted part of a picture; the rest stays as it is.",
                 picture='the image editor\'s value: {"background": the picture, "layers": [the painted mask: '
-                        'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}',
+                        'opaque pixels, or white ones in a picture without alpha, are redrawn], "composite": ignored}'
+                        + MCP_FILES,
                 prompt="what to draw in the painted part")
     async def inpaint(picture: dict, prompt: str, n: int = 4, steps: int = DEFAULT_STEPS,
                       sampler: str = DEFAULT_SAMPLER, guidance: float = DEFAULT_GUIDANCE.scale, seed: int = -1, negative_prompt: str = ""):
@@ -309,7 +326,7 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                                            negative_prompt):
             yield update
 
-    with gr.Blocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
+    with CheckedBlocks(title="Text to image diffusion", delete_cache=(600, 3600)) as app:
         gr.Markdown("# Text to image diffusion\nType a prompt and watch the images emerge from noise.")
         gr.Markdown(model_card(pipe.info))
         with gr.Row():
@@ -359,6 +376,8 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
                                      format="png", buttons=["download", "download_all"], elem_id="gallery")
                 gif = gr.Image(label="GIF (the denoising, or the morph)", type="filepath", interactive=False,
                                elem_id="gif", buttons=["download"])
+        for shown in (gallery, gif, preview):  # copied apart from the uploads (in hash-named folders), so that only
+            shown.GRADIO_CACHE = str(Path(studio.upload_dir) / RESULT_COPIES)  # results are served
         settings, outputs = [steps, sampler, guidance, seed, negative], [gallery, gif, preview, status]
         # the buttons and Enter share one concurrency group, so `concurrency` bounds them together
         shared = dict(preprocess=False, concurrency_id="generate", concurrency_limit=concurrency, show_progress="hidden")
@@ -411,20 +430,25 @@ def main(argv=None) -> None:
     except ModelFileError as error:
         raise SystemExit(f"error: cannot load a model: {error}") from None
     out_dir = Path(args.out_dir).resolve()
-    # Gradio's cache (its copies of our results, and whatever is sent to its upload route) lies beside the
-    # output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves only the
-    # PNGs and GIFs in these two folders, as images
+    # Gradio's cache (whatever is sent to its upload route, and in RESULT_COPIES its copies of our results) lies
+    # beside the output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves
+    # only the PNGs and GIFs of the output folder and of RESULT_COPIES, as images (never an upload)
     cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
+    copies = cache_dir / RESULT_COPIES
     # uvicorn believes X-Forwarded-For from FORWARDED_ALLOW_IPS, 127.0.0.1 unless set: a local client could then
     # send a new address with every guessed password and never be throttled
     os.environ["FORWARDED_ALLOW_IPS"] = args.trusted_proxy
-    app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, cache_dir], str(cache_dir))
-    guard = Middleware(WebGuard, served=[out_dir, cache_dir], throttle=LoginThrottle() if auth else None,
-                       hide_api_from_login_page=auth is not None)
+    app = build_app(pipe, out_dir, args.max_queue, args.concurrency, [out_dir, copies], str(cache_dir))
+    guard = Middleware(WebGuard, served=[out_dir, copies], throttle=LoginThrottle() if auth else None,
+                       hide_api_from_login_page=auth is not None, endpoints=ENDPOINTS)
+    if args.mcp:
+        from web_mcp import serve_tools_with_pictures
+        serve_tools_with_pictures()
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
+               state_session_capacity=MAX_SESSIONS,
                ssr_mode=False, app_kwargs={"middleware": [guard]})  # no Node server rendering pages past the guard
 
 

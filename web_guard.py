@@ -3,9 +3,11 @@
 - A request body over `max_body` bytes is answered 413 before any route reads it (a 45 MB prompt once froze
   every route for seconds while it was parsed and cleaned).
 - The file routes (`/gradio_api/file=...`, `/file/`, `/proxy=`) serve only PNG and GIF files under the folders
-  the app writes to (its output folder, Gradio's cache of it), checked by their first bytes and sent as
-  image/png or image/gif with `X-Content-Type-Options: nosniff`. Anything else, such as an .html or .svg that
-  someone uploaded, is 404: never a page on the app's origin.
+  the app writes to (its output folder, the folder of Gradio's copies of its results), checked by their first
+  bytes and sent as image/png or image/gif with `X-Content-Type-Options: nosniff`. Anything else, such as an
+  uploaded picture, .html or .svg, is 404: no upload is served back.
+- A call of an endpoint that does not exist is 404 with the names of those that do (Gradio answered 500 and
+  logged a traceback).
 - With --auth: failed logins are counted per client address, and after a few each further attempt must wait
   for a doubling delay or is answered 429 without the password being checked; and the login page, which Gradio
   renders with the API's full description embedded, goes out without it.
@@ -20,6 +22,7 @@ from collections import OrderedDict
 MAX_BODY_BYTES = 2 * 2 ** 20  # requests of the app are a few hundred bytes; uploads are capped lower by Gradio
 FILE_ROUTE = re.compile(r"(?:/gradio_api)?/(?:file=|file/|proxy=)(.*)", re.S)
 IMAGE_TYPES = {".png": ((b"\x89PNG\r\n\x1a\n",), b"image/png"), ".gif": ((b"GIF87a", b"GIF89a"), b"image/gif")}
+CALL_ROUTE = re.compile(r"(?:/gradio_api)?/(?:call/v2|call|run|api)/([^/]+)/?")  # POSTs naming an endpoint
 LOGIN_ROUTES = ("/login", "/login/")
 API_INFO = re.compile(rb"(window\.gradio_api_info\s*=\s*)(.*?)(;\s*</script>)", re.S)  # JSON there escapes "<"
 
@@ -64,11 +67,12 @@ class LoginThrottle:
 
 
 class WebGuard:
-    """The ASGI middleware. `served`: folders whose PNG/GIF files the file routes may serve."""
+    """The ASGI middleware. `served`: folders whose PNG/GIF files the file routes may serve; `endpoints`: the
+    names a call may name (None: any)."""
 
     def __init__(self, app, served, max_body: int = MAX_BODY_BYTES, throttle: LoginThrottle | None = None,
-                 hide_api_from_login_page: bool = False):
-        self.app, self.max_body, self.throttle = app, max_body, throttle
+                 hide_api_from_login_page: bool = False, endpoints=None):
+        self.app, self.max_body, self.throttle, self.endpoints = app, max_body, throttle, endpoints
         self.served = [os.path.realpath(folder) for folder in served]
         self.hide_api = hide_api_from_login_page
 
@@ -80,6 +84,10 @@ class WebGuard:
             return await respond(send, 400, "invalid Content-Length")
         if int(length) > self.max_body:
             return await respond(send, 413, f"request body over {self.max_body} bytes")
+        call = CALL_ROUTE.fullmatch(scope["path"]) if scope["method"] == "POST" else None
+        if call and self.endpoints is not None and call.group(1) not in self.endpoints:
+            return await respond(send, 404, f"there is no endpoint {call.group(1)[:40]!r}; the endpoints are "
+                                            f"{', '.join(self.endpoints)}")
         file = FILE_ROUTE.fullmatch(scope["path"])
         if file:
             content_type = self.image_type(file.group(1))

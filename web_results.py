@@ -20,6 +20,7 @@ PREVIEW_FRAMES = 20  # previews streamed per generation (and frames of its GIF),
 KEEP_RESULTS = 200   # newest result folders kept on disk
 POLL_S = 0.02  # how often the page's stream checks for a new preview
 CONSUMER_TIMEOUT_S = 30  # a preview nobody collects this long means the client is gone: stop sampling
+READ_WITHIN_S = 5  # a generation whose results nobody has started reading by then is cancelled
 
 Job = Callable[[Callable], torch.Tensor]  # callback(i, x, x0) -> images in [-1, 1]
 
@@ -28,9 +29,14 @@ class Cancelled(Exception):
     """Raised inside the sampler when its consumer has gone (Stop pressed, client disconnected)."""
 
 
-async def stream_generation(job: Job, steps: int, scale: int) -> AsyncIterator[tuple[str, object]]:
+class Unread(Exception):
+    """Raised by stream_generation when nobody has started reading the results READ_WITHIN_S into a generation."""
+
+
+async def stream_generation(job: Job, steps: int, scale: int, unread=None) -> AsyncIterator[tuple[str, object]]:
     """Run `job` (a sampler call taking the step callback) in a worker thread; yield ("frame", (preview, steps
-    done)) as they come, then ("done", (uint8 images, recorder)); the last frame is the final grid.
+    done)) as they come, then ("done", (uint8 images, recorder)); the last frame is the final grid. If
+    `unread()` is true READ_WITHIN_S in, nobody reads the results: the sampler is stopped and Unread raised.
 
     Async, so that Stop (Gradio cancels the task) lands at once in the wait below; the sampler then
     stops at its next step. The event loop only polls a queue, so it stays free for other users.
@@ -69,8 +75,13 @@ async def stream_generation(job: Job, steps: int, scale: int) -> AsyncIterator[t
                 pass
 
     threading.Thread(target=work, daemon=True, name="sampler").start()
+    read_by = time.monotonic() + READ_WITHIN_S
     try:
         while True:
+            if unread is not None and time.monotonic() > read_by:
+                if unread():
+                    raise Unread
+                unread = None  # read: asked once
             try:
                 kind, value = events.get_nowait()
             except queue.Empty:

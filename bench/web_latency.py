@@ -1,7 +1,7 @@
 """What a user of `python web.py` waits for: the first streamed preview and the finished batch.
 
 Starts web.py on 127.0.0.1 with the shipped model (or --checkpoint), then for each batch size submits
-/generate through gradio_client, the app's default sampler (SDE-DPM-Solver++(2M)) at 25 steps, guidance 3, and times from submit to the first
+/generate through gradio_client, the app's default sampler (SDE-DPM-Solver++(2M)) at 25 steps and guidance, and times from submit to the first
 output carrying a preview frame, and to the finished gallery (PNGs and GIF written). One warm-up
 request, then --rounds rounds; medians. Includes the HTTP/queue round trips a browser also pays.
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
 from gradio_client import Client
 
+from guidance import DEFAULT_GUIDANCE, describe_guidance
 from samplers import DEFAULT_SAMPLER
 from tests.webserver import web_server
 
@@ -23,7 +24,7 @@ from tests.webserver import web_server
 def timed_request(client: Client, n: int, steps: int, seed: int, timeout_s: float = 300) -> tuple[float, float]:
     """(seconds to the first preview, seconds to the final gallery) for one request."""
     start = time.perf_counter()
-    job = client.submit("red apple", n, steps, DEFAULT_SAMPLER, 3.0, seed, api_name="/generate")
+    job = client.submit("red apple", n, steps, DEFAULT_SAMPLER, DEFAULT_GUIDANCE.scale, seed, api_name="/generate")
     first = None
     while not job.done() and time.perf_counter() - start < timeout_s:
         if first is None and any(isinstance(out[2], str) for out in job.outputs()):
@@ -53,7 +54,8 @@ def main(argv=None) -> str:
             rows.append([n, f"{first:.2f}", f"{total:.2f}"])
             print(rows[-1])
     body = table(["images", "first preview s", "finished batch s"], rows)
-    notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, guidance 3 (conditional and unconditional halves in one batch), "
+    notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, {describe_guidance(DEFAULT_GUIDANCE)} (the app's default; conditional and "
+             "unconditional halves in one batch), "
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included).")
     print(body + "\n\n" + notes)

@@ -1,4 +1,5 @@
 """Files from elsewhere: checkpoints carrying pickled code or malformed in every other way, dataset folders full of junk."""
+import json
 import os
 import pickle
 import resource
@@ -115,6 +116,18 @@ def safetensors_bytes(header: bytes, data: bytes = b"", length: int | None = Non
     return struct.pack("<Q", len(header) if length is None else length) + header + data
 
 
+def with_extra_tensor(good, path, name: str = "zz_extra", elements: int = 2 ** 30):
+    """`good` with one more F32 tensor of `elements` values after its data, as a sparse file (nothing of it on disk)."""
+    data = good.read_bytes()
+    length = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8:8 + length]), data[8 + length:]
+    header[name] = {"dtype": "F32", "shape": [elements], "data_offsets": [len(body), len(body) + 4 * elements]}
+    text = json.dumps(header).encode()
+    path.write_bytes(safetensors_bytes(text + b" " * (-len(text) % 8), body))
+    os.truncate(path, path.stat().st_size + 4 * elements)
+    return path
+
+
 def bad_model_files(root) -> dict[str, tuple]:
     """name -> (path, words its error must contain): every way a model file we were given can be wrong."""
     weights, meta = load_weights(tiny_model(root / "good.safetensors"))
@@ -146,6 +159,7 @@ def bad_model_files(root) -> dict[str, tuple]:
     huge = root / "huge_tensor.safetensors"  # 4.3 GB declared, a sparse file: nothing of it is on disk
     huge.write_bytes(safetensors_bytes(b'{"junk":{"dtype":"F32","shape":[1073741824],"data_offsets":[0,4294967296]}}'))
     os.truncate(huge, huge.stat().st_size + 2 ** 32)
+    extra = with_extra_tensor(root / "good.safetensors", root / "extra_tensor.safetensors")
     return {
         "forged header length": (raw("huge_header.safetensors", safetensors_bytes(b"{}", length=2 ** 62)), "not a safetensors file"),
         "offsets past the end": (raw("offsets.safetensors", safetensors_bytes(header.replace(b"16]", b"99999]"), bytes(16))), "not a safetensors file"),
@@ -171,7 +185,8 @@ def bad_model_files(root) -> dict[str, tuple]:
         "unknown schedule": (st("schedule", schedule="quadratic"), "schedule one of cosine, linear"),
         "schedule as a list": (st("schedule_list", schedule=["cosine"]), "schedule one of cosine, linear"),
         "metadata nested too deep": (root / "nested.safetensors", "'config' is not valid JSON"),
-        "a tensor of 4 GB declared": (huge, "declares 4.3 GB of tensors; refused before reading any"),
+        "a tensor of 4 GB and no config": (huge, "holds no model config"),
+        "an extra tensor of 4 GB": (extra, "its weights do not fit its config: 1 unexpected (zz_extra)"),
         "absurd timesteps": (st("timesteps", timesteps=10 ** 12), "timesteps a whole number from 1 to"),
         "info of wrong types": (st("info", info={**info, "example_prompts": "red apple"}), "'example_prompts' should be a list"),
         "history of wrong shape": (st("history", info={**info, "history": {"step": [1, 2], "loss": [0.5]}}), "'history' should hold"),
@@ -201,6 +216,30 @@ def test_every_malformed_model_file_is_one_clear_error_naming_it(bad_files):
         assert time.monotonic() - start < 10, case  # refused before anything big is built
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before
     assert grown < 500, f"peak memory grew {grown:.0f} MB: an absurd config was allocated"
+
+
+PEAK_MEMORY = """
+import resource, sys
+from checkpoints import ModelFileError
+from pipeline import load_model
+try:
+    load_model(sys.argv[1])
+except ModelFileError as error:
+    print(error)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)  # peak resident MB (Linux counts KB)
+"""
+
+
+def test_an_extra_huge_tensor_is_refused_from_the_header_without_allocating(tmp_path):
+    good = tiny_model(tmp_path / "good.safetensors")
+    extra = with_extra_tensor(good, tmp_path / "extra.safetensors")
+    run = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(extra)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    message, peak_mb = run.stdout.strip().splitlines()
+    assert message == f"{extra}: its weights do not fit its config: 1 unexpected (zz_extra)", run.stdout + run.stderr
+    assert int(peak_mb) < 1500, f"peak memory {peak_mb} MB: the 4 GB tensor was read"  # torch alone is ~400 MB
+    with pytest.raises(ModelFileError, match=r"declares 4\.3 GB of tensors; refused before reading any"):
+        load_weights(extra)  # read without a config, the declared-bytes cap still refuses it
 
 
 ENTRY_POINTS = {"sample.py": ["--prompt", "x"], "evaluate.py": [], "showcase.py": [], "web.py": []}

@@ -1,9 +1,12 @@
 """The web app's image-to-image, inpainting, morph, negative prompt, reuse and MCP endpoints, against a real server
 on 127.0.0.1 through gradio_client and the `mcp` client (the browser tests are in test_web_browser_edits.py)."""
 import asyncio
+import base64
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -281,7 +284,18 @@ async def mcp_session(url: str, work):
             return await asyncio.wait_for(work(session), 120)
 
 
-def test_mcp_clients_see_the_documented_tools_and_get_images(server):
+def data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_mcp_clients_see_the_documented_tools_and_get_images(server, files):
+    settings_ = {"steps": 3, "sampler": "dpmpp", "guidance": 3, "seed": "4", "negative_prompt": ""}
+    picture = {"background": data_url(files / "picture.png"), "layers": [], "composite": None}
+    calls = {"edit_image": {"picture": picture, "prompt": "sun", "strength": 0.6, "n": 1, **settings_},
+             "inpaint": {"picture": {**picture, "layers": [data_url(files / "mask.png")]}, "prompt": "sun", "n": 1,
+                         **settings_},
+             "morph": {"prompt": "sun", "prompt_b": "red apple", "frames": 2, **settings_}}
+
     async def work(session):
         tools = {t.name: t for t in (await session.list_tools()).tools}
         async def note(progress, total, message):
@@ -290,19 +304,38 @@ def test_mcp_clients_see_the_documented_tools_and_get_images(server):
                                                      "guidance": 3, "seed": "4", "negative_prompt": ""},
                                         progress_callback=note)
         refused = await session.call_tool("generate", {"prompt": "  ", "n": 1})
-        return tools, drawn, refused
+        others = {name: await session.call_tool(name, args) for name, args in calls.items()}
+        return tools, drawn, refused, others
 
     progress_notes = []  # a client that asks for progress gets the outputs one by one (images as images)
-    tools, drawn, refused = asyncio.run(mcp_session(server.url, work))
+    tools, drawn, refused, others = asyncio.run(mcp_session(server.url, work))
     assert progress_notes
     assert {"generate", "edit_image", "inpaint", "morph"} <= set(tools)
     assert "Text to image" in tools["generate"].description and "prompt morph" in tools["morph"].description.lower()
     assert "what to draw" in tools["generate"].inputSchema["properties"]["prompt"]["description"]
-    assert not drawn.isError
-    images = [c for c in drawn.content if c.type == "image"]
-    assert images and all(c.mimeType in ("image/png", "image/gif") for c in images)
+    assert "$ref" not in str(tools["edit_image"].inputSchema), tools["edit_image"].inputSchema
+    for result in (drawn, *others.values()):
+        text = " ".join(c.text for c in result.content if c.type == "text")
+        assert not result.isError, text[:500]
+        images = [c for c in result.content if c.type == "image"]
+        assert images and all(c.mimeType in ("image/png", "image/gif") for c in images), [c.type for c in result.content] + [text[-1500:]]
     assert any(c.type == "text" and "Done: 2 image(s) of “sun”, seed 4" in c.text for c in drawn.content)
     assert refused.isError and "the prompt is empty" in " ".join(c.text for c in refused.content if c.type == "text")
+
+
+def test_an_mcp_picture_given_as_base64_lands_in_the_upload_folder_only(server, tmp_path):
+    """Gradio's MCP module read its temp folder at import, before web.py named the upload folder: a base64 picture
+    was saved under the system's temp folder (and never cleaned), then uploaded from there."""
+    unique = tmp_path / "unique.png"  # bytes no other test sends
+    Image.new("RGB", (8, 8), tuple(int(b) for b in os.urandom(3))).save(unique, pnginfo=None)
+    picture = {"background": data_url(unique), "layers": [], "composite": None}
+    args = {"picture": picture, "prompt": "sun", "strength": 0.0, "n": 1, "steps": 3, "sampler": "dpmpp"}
+    result = asyncio.run(mcp_session(server.url, lambda session: session.call_tool("edit_image", args)))
+    assert not result.isError, [c.text for c in result.content if c.type == "text"]
+    sent = unique.read_bytes()
+    holds = lambda folder: any(p.is_file() and p.read_bytes() == sent for p in Path(folder).rglob("*.png"))
+    assert holds(server.out.with_name(server.out.name + "-cache")), "the picture is not in the upload folder"
+    assert not holds(Path(tempfile.gettempdir()) / "gradio"), "the picture was saved outside the upload folder"
 
 
 def test_mcp_is_refused_with_auth_before_the_model_loads():

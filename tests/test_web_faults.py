@@ -224,7 +224,7 @@ def test_defaults_listen_locally_share_nothing_and_serve_only_the_output_folder(
     # Gradio's cache, where uploads land, is not inside an allowed path (Gradio would serve them inline as pages)
     assert os.environ["GRADIO_TEMP_DIR"] == str(out.with_name("out-cache"))
     guard = flags["app_kwargs"]["middleware"][0]
-    assert guard.cls is WebGuard and guard.kwargs["served"] == [out, out.with_name("out-cache")]
+    assert guard.cls is WebGuard and guard.kwargs["served"] == [out, out.with_name("out-cache") / "results"]
     flags = launch_flags(monkeypatch, tmp_path, "--host", "0.0.0.0", "--share", "--auth", "ann:pw:with:colons")
     assert (flags["server_name"], flags["share"], flags["auth"]) == ("0.0.0.0", True, ("ann", "pw:with:colons"))
     for bad in ("ann", "ann:", ":pw"):

@@ -1,5 +1,6 @@
 """The web app's HTTP edges against real servers on 127.0.0.1: uploads never served back as pages, request
 bodies capped, a huge prompt cheap, and with --auth no API description before login and throttled guessing."""
+import io
 import json
 import math
 import re
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 import web_checks
 from tests.webserver import start_server, tiny_model
@@ -51,6 +53,25 @@ def test_uploaded_pages_are_never_served_back_and_results_are_served_as_images(s
         assert got.status_code == 200 and got.headers["content-type"] == kind, (url, got.headers)
         assert got.headers["x-content-type-options"] == "nosniff" and got.content[:3] in (b"\x89PN", b"GIF")
     assert "Traceback" not in server.log_text(log_from)
+
+
+def picture_bytes(kind: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def test_uploaded_pngs_and_gifs_are_not_served_back(server):
+    """Uploads and Gradio's copies of results share its cache: only the copies are served."""
+    served = generated_urls(server.url)
+    assert served and all(httpx.get(url, timeout=10).status_code == 200 for url in served)  # the probe tells
+    for name, kind in (("picture.png", "PNG"), ("picture.gif", "GIF")):
+        r = httpx.post(server.url + "gradio_api/upload", files={"files": (name, picture_bytes(kind))}, timeout=30)
+        assert r.status_code == 200, r.text
+        for path in r.json():
+            for route in ("gradio_api/file=", "gradio_api/file/", "file="):
+                got = httpx.get(server.url + route + path, timeout=10)
+                assert got.status_code == 404, (name, route, got.status_code)
 
 
 def test_uploads_over_the_limit_are_refused_and_not_stored(server):

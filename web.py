@@ -51,7 +51,7 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
     parse_request,
     reused_request,
 )
-from web_guard import LoginThrottle, WebGuard
+from web_guard import LoginThrottle, WebGuard, parse_auth
 from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames, save_results, stream_generation
 
 MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back
@@ -393,15 +393,6 @@ def build_app(pipe: Pipeline, out_dir: Path, max_queue: int = 16, concurrency: i
         gallery.select(studio.reuse, None, [prompt, negative, sampler, steps, guidance, seed], api_visibility="private",
                        show_progress="hidden")
     return app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
-
-
-def parse_auth(text: str | None):
-    if text is None:
-        return None
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("error: --auth takes user:password (both non-empty)")
-    return user, password
 
 
 def main(argv=None) -> None:

@@ -201,3 +201,13 @@ def without_api_info(send):
             return await send({"type": "http.response.body", "body": body})
         await send(message)
     return send_scrubbed
+
+
+def parse_auth(text: str | None):
+    """--auth's user:password, or None without the flag; a one-line error for anything else."""
+    if text is None:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("error: --auth takes user:password (both non-empty)")
+    return user, password

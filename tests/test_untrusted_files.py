@@ -238,7 +238,7 @@ def test_an_extra_huge_tensor_is_refused_from_the_header_without_allocating(tmp_
     message, peak_mb = run.stdout.strip().splitlines()
     assert message == f"{extra}: its weights do not fit its config: 1 unexpected (zz_extra)", run.stdout + run.stderr
     # reading the tensor would take its 4,300 MB on top of torch's; refused from the header, the process peaked at
-    # 837 MB alone and 1,678 MB inside the full test run (an earlier test's state in the environment)
+    # 837 MB alone and 1,678 MB once inside the full test run (cause not found)
     assert int(peak_mb) < 3000, f"peak memory {peak_mb} MB: the 4 GB tensor was read"
     with pytest.raises(ModelFileError, match=r"declares 4\.3 GB of tensors; refused before reading any"):
         load_weights(extra)  # read without a config, the declared-bytes cap still refuses it

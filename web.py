@@ -256,8 +256,8 @@ class Studio:
 
     def restyle(self, prompt, style):
         """The prompt box after a style choice: the style's words at its end ("any": none). Odd values (this is
-        a listener, callable like any other) leave the prompt as it was."""
-        if not isinstance(prompt, str) or (style != "any" and style not in self.styles):
+        a listener, callable like any other) and an empty prompt leave the prompt as it was."""
+        if not isinstance(prompt, str) or not prompt.strip() or (style != "any" and style not in self.styles):
             return gr.skip()
         return with_style(prompt, None if style == "any" else style)
 

@@ -89,3 +89,7 @@ def test_the_style_choice_writes_its_words_into_the_prompt_and_generates_them(pa
     set_input(page, "seed", "31")
     page.locator("#generate").click()
     page.get_by_text("Done: 1 image(s) of “sun, EmojiOne style”, seed 31,").wait_for(timeout=60_000)
+    # back to "any": the choice stays on the page, and leaving the prompt box re-applies it to what is typed next
+    page.locator("#style input").click()
+    page.get_by_role("option", name="any", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#prompt textarea, #prompt input').value === 'sun'")

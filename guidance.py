@@ -117,6 +117,7 @@ def guided_denoiser(model, cond: TextCondition, uncond: TextCondition, guidance:
     Learned variance channels, if any, come from the conditional prediction."""
     g = guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))
     low, high = g.interval
+    both = concat_conditions([cond, uncond])  # padded once; again only for an annealed step's noised condition
 
     def denoise(x, t):
         u = float(t.reshape(-1)[0]) / timesteps  # the samplers step every image of a batch alike
@@ -124,7 +125,8 @@ def guided_denoiser(model, cond: TextCondition, uncond: TextCondition, guidance:
                                                               generators)
         if g.scale == 1 or not low <= u <= high:
             return model(x, t, c)
-        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), concat_conditions([c, uncond])).chunk(2)
+        pair = both if c is cond else concat_conditions([c, uncond])
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), pair).chunk(2)
         k = x.shape[1]
         return torch.cat([out_u[:, :k] + g.scale * (out_c[:, :k] - out_u[:, :k]), out_c[:, k:]], dim=1)
     return denoise

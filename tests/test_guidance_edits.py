@@ -275,8 +275,11 @@ def test_morph_ends_are_the_plain_generations_and_frames_change_gradually(pipe):
     options = dict(precision="fp32", clip_x0=False)
     frames = pipe.morph(a, b, n, "dpmpp", 8, 3.0, seed=3, **options)
     assert frames.shape == (n, 3, 16, 16)
-    torch.testing.assert_close(frames[0], pipe.generate([a], "dpmpp", 8, 3.0, seed=3, **options)[0])
-    torch.testing.assert_close(frames[-1], pipe.generate([b], "dpmpp", 8, 3.0, seed=3, **options)[0])
+    # equal up to fp32 kernel rounding, which depends on the batch (11 frames vs 1 image) and the thread count:
+    # measured up to 0.0056 (5e-4 relative) at one thread; a wrong end frame differs by the whole morph (ends > 1)
+    same = dict(rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(frames[0], pipe.generate([a], "dpmpp", 8, 3.0, seed=3, **options)[0], **same)
+    torch.testing.assert_close(frames[-1], pipe.generate([b], "dpmpp", 8, 3.0, seed=3, **options)[0], **same)
     dist = lambda x, y: (x - y).abs().mean().item()
     ends = dist(frames[0], frames[-1])
     steps = [dist(frames[k], frames[k + 1]) for k in range(n - 1)]

@@ -8,7 +8,7 @@ import torch
 
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
 from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
-from guidance import CADS_SEED_OFFSET, Guidance, guided_denoiser
+from guidance import CADS_SEED_OFFSET, DEFAULT_GUIDANCE, Guidance, guided_denoiser
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
@@ -36,7 +36,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def generate_images(model: ConditionalUNet, diffusion: GaussianDiffusion, cond: TextCondition,
-                    sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | Guidance = 3.0,
+                    sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, guidance: float | Guidance = DEFAULT_GUIDANCE,
                     seed: int | Sequence[int] = 0,
                     callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                     clip_x0=True, negative: Optional[TextCondition] = None, init: Optional[torch.Tensor] = None,
@@ -85,7 +85,7 @@ class Pipeline:
         cfg = self.model.cfg
         return load_dataset(spec or self.info.get("dataset", "emoji"), cfg.image_size, cfg.in_channels == 1)
 
-    def generate(self, prompts: Sequence[str], sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=3.0, seed=0, callback=None,
+    def generate(self, prompts: Sequence[str], sampler=DEFAULT_SAMPLER, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=0, callback=None,
                  negative_prompts: str | Sequence[str] = "", **options) -> torch.Tensor:
         """Images of `prompts` (see generate_images): image k from seed + k. `negative_prompts`, one for all or one
         per prompt, are what guidance pushes away from; "" is the plain empty-prompt guidance. `options` go to
@@ -98,7 +98,7 @@ class Pipeline:
         return generate_images(self.model, self.diffusion, self.encoder(prompts), sampler, steps, guidance, seed,
                                callback, negative=negative, **options)
 
-    def morph(self, prompt_a: str, prompt_b: str, frames: int = 8, sampler="dpmpp", steps=25, guidance=3.0, seed=0,
+    def morph(self, prompt_a: str, prompt_b: str, frames: int = 8, sampler="dpmpp", steps=25, guidance=DEFAULT_GUIDANCE, seed=0,
               callback=None, negative_prompt: str = "", **options) -> torch.Tensor:
         """`frames` images whose text condition goes from `prompt_a` to `prompt_b` in equal steps (see
         interpolate_conditions), all from the starting noise of `seed`, so that only the prompt changes: the first

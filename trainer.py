@@ -27,6 +27,7 @@ from checkpoints import (
 )
 from diffusion import GaussianDiffusion
 from guidance import DEFAULT_GUIDANCE
+from models.growth import deepen
 from models.text_encoder import TextEncoder, collate
 from models.unet import ConditionalUNet, UNetConfig
 from pipeline import generate_images, pick_device
@@ -385,15 +386,23 @@ class Trainer:
         raise ValueError(f"--resume: none of the {len(found)} checkpoints in {self.run_dir} is readable")
 
     def _init_from(self, path) -> None:
-        """--init-from: the EMA weights of a model whose architecture matches the flags; optimizer starts afresh."""
+        """--init-from: the EMA weights of a model whose architecture matches the flags, or of a shallower one, deepened
+        to the flags' --num-res-blocks as the same function; the optimizer starts afresh."""
         weights, config, _ = read_model_file(path)
+        saved = UNetConfig(**config["unet"])
+        blocks = saved.num_res_blocks
+        if blocks < self.unet_cfg.num_res_blocks:  # a deeper model starts as the same function (models/growth.py)
+            weights, saved = deepen(weights, saved, self.unet_cfg.num_res_blocks, self.cfg.seed)
+            config = {**config, "unet": saved.to_dict()}
         diffs = self._config_diffs(config, ())
         if diffs:
             raise ValueError(f"--init-from: {path} does not match the flags ({'; '.join(diffs)}). Give the "
-                             "architecture flags the model was trained with (its model card lists them).")
+                             "architecture flags the model was trained with (its model card lists them); "
+                             "only --num-res-blocks may be larger.")
         self.model.load_state_dict(weights)
         if self.main:
-            tqdm.write(f"initialised from {path}")
+            grown = f", deepened from {blocks} to {saved.num_res_blocks} residual blocks per level" if blocks < saved.num_res_blocks else ""
+            tqdm.write(f"initialised from {path}{grown}")
 
     def _config_diffs(self, config: dict, train_keys) -> list[str]:
         """Differences between a saved config and the flags: architecture, schedule, prediction, `train_keys`."""

@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 import sample
-from checkpoints import compact_history, load_checkpoint, load_weights, save_checkpoint
+from checkpoints import compact_history, load_checkpoint, load_weights, read_model_file, save_checkpoint
 from guidance import DEFAULT_GUIDANCE
+from models.text_encoder import TextCondition
+from models.unet import ConditionalUNet, UNetConfig
 from train_config import TrainConfig
 from trainer import Trainer
 
@@ -135,6 +137,19 @@ def test_init_from_warm_starts_from_a_model_file_and_refuses_another_architectur
         Trainer(config(folder, cache_dir, tmp_path / "other", base_channels=8, init_from=str(trained_run / "ema.safetensors")))
     with pytest.raises(ValueError, match=r"prediction: checkpoint 'eps', flags 'v'"):
         Trainer(config(folder, cache_dir, tmp_path / "v", prediction="v", init_from=str(trained_run / "ema.safetensors")))
+
+
+def test_init_from_a_shallower_model_deepens_it_to_the_same_function(trained_run, folder, cache_dir, tmp_path):
+    weights, saved, _ = read_model_file(trained_run / "ema.safetensors")
+    shallow = ConditionalUNet(UNetConfig(**saved["unet"])).eval()
+    shallow.load_state_dict(weights)
+    deep = Trainer(config(folder, cache_dir, tmp_path / "deep", num_res_blocks=2,
+                          init_from=str(trained_run / "ema.safetensors"))).model.eval()
+    assert deep.cfg.num_res_blocks == 2 and deep.num_parameters() > shallow.num_parameters()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    cond = TextCondition(torch.randn(2, 4, 384), torch.ones(2, 4, dtype=torch.bool), torch.randn(2, 384))
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, cond), shallow(x, t, cond), rtol=1e-5, atol=1e-5)
 
 
 def test_cond_noise_perturbs_real_tokens_by_the_asked_relative_size(folder, cache_dir, tmp_path):

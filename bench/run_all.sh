@@ -11,5 +11,6 @@ python bench/generation.py --write                                    # shipped 
 python bench/generation.py --arch matched --write
 python bench/training.py --write                                      # shipped config, batch 64
 python bench/training.py --arch matched --batch 16 --write
+python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
 python bench/memory.py --write
 python bench/web_latency.py --write                                   # web app: first preview and finished batch, shipped model

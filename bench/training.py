@@ -90,19 +90,25 @@ class DiffusersStep:
         return loss.item()
 
 
-def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def training_arguments(doc: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of our training step: model, data, batch, rounds, threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=sorted(ARCHS), default="shipped")
     p.add_argument("--data", default="emoji", help="training data, as for `train.py --data`")
     p.add_argument("--cache-dir", default="data")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=["auto", "fp32", "bf16"],
-                   help="precisions to run both sides at ('auto' is the train command's default)")
     p.add_argument("--reps", type=int, default=6, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring each matmul peak")
     add_output_args(p)
+    return p
+
+
+def main(argv=None) -> str:
+    p = training_arguments(__doc__)
+    p.add_argument("--precisions", nargs="+", default=["auto", "fp32"], choices=["auto", "fp32", "bf16"],
+                   help="precisions to run both sides at ('auto' is the train command's default)")
+    p.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring each matmul peak")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,6 +62,16 @@ def test_training(tmp_path, folder_data):
     assert lines[2].startswith("| fp32 |")
 
 
+def test_layout(tmp_path, folder_data):
+    import layout
+    doc = tmp_path / "bench.md"
+    layout.main(["--arch", "tiny", "--data", str(folder_data), "--cache-dir", str(tmp_path), "--batch", "4",
+                 "--reps", "1", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "layout-tiny", "layout")
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| NCHW", "| channels_last", "| channels_last, GroupNorm via NCHW"]
+    assert "| GroupNorm input |" in doc.read_text()
+
+
 def test_memory(tmp_path, folder_data):
     import memory
     doc = tmp_path / "bench.md"

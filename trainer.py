@@ -389,9 +389,9 @@ class Trainer:
         """--init-from: the EMA weights of a model whose architecture matches the flags, or of a shallower one, deepened
         to the flags' --num-res-blocks as the same function; the optimizer starts afresh."""
         weights, config, _ = read_model_file(path)
-        saved = UNetConfig(**config["unet"])
-        blocks = saved.num_res_blocks
-        if blocks < self.unet_cfg.num_res_blocks:  # a deeper model starts as the same function (models/growth.py)
+        saved, grown = UNetConfig(**config["unet"]), ""
+        if saved.num_res_blocks < self.unet_cfg.num_res_blocks:  # starts as the same function (models/growth.py)
+            grown = f", deepened from {saved.num_res_blocks} to {self.unet_cfg.num_res_blocks} residual blocks per level"
             weights, saved = deepen(weights, saved, self.unet_cfg.num_res_blocks, self.cfg.seed)
             config = {**config, "unet": saved.to_dict()}
         diffs = self._config_diffs(config, ())
@@ -401,7 +401,6 @@ class Trainer:
                              "only --num-res-blocks may be larger.")
         self.model.load_state_dict(weights)
         if self.main:
-            grown = f", deepened from {blocks} to {saved.num_res_blocks} residual blocks per level" if blocks < saved.num_res_blocks else ""
             tqdm.write(f"initialised from {path}{grown}")
 
     def _config_diffs(self, config: dict, train_keys) -> list[str]:

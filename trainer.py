@@ -389,16 +389,18 @@ class Trainer:
         """--init-from: the EMA weights of a model whose architecture matches the flags, or of a shallower one, deepened
         to the flags' --num-res-blocks as the same function; the optimizer starts afresh."""
         weights, config, _ = read_model_file(path)
-        saved, grown = UNetConfig(**config["unet"]), ""
-        if saved.num_res_blocks < self.unet_cfg.num_res_blocks:  # starts as the same function (models/growth.py)
-            grown = f", deepened from {saved.num_res_blocks} to {self.unet_cfg.num_res_blocks} residual blocks per level"
-            weights, saved = deepen(weights, saved, self.unet_cfg.num_res_blocks, self.cfg.seed)
-            config = {**config, "unet": saved.to_dict()}
-        diffs = self._config_diffs(config, ())
+        saved, target = UNetConfig(**config["unet"]), self.unet_cfg.num_res_blocks
+        deeper = saved.num_res_blocks < target  # grown below to the same function (models/growth.py)
+        as_grown = {**config, "unet": {**saved.to_dict(), "num_res_blocks": target}} if deeper else config
+        diffs = self._config_diffs(as_grown, ())  # before any work: a model of other widths is refused at once
         if diffs:
             raise ValueError(f"--init-from: {path} does not match the flags ({'; '.join(diffs)}). Give the "
                              "architecture flags the model was trained with (its model card lists them); "
                              "only --num-res-blocks may be larger.")
+        grown = ""
+        if deeper:
+            grown = f", deepened from {saved.num_res_blocks} to {target} residual blocks per level"
+            weights, _ = deepen(weights, saved, target, self.cfg.seed)
         self.model.load_state_dict(weights)
         if self.main:
             tqdm.write(f"initialised from {path}{grown}")

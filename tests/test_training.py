@@ -152,6 +152,17 @@ def test_init_from_a_shallower_model_deepens_it_to_the_same_function(trained_run
         torch.testing.assert_close(deep(x, t, cond), shallow(x, t, cond), rtol=1e-5, atol=1e-5)
 
 
+def test_init_from_refuses_a_shallower_model_of_other_widths_before_deepening_it(trained_run, folder, cache_dir,
+                                                                                  tmp_path, monkeypatch):
+    def fail(*args):
+        raise AssertionError("deepened a model it then refuses")
+    monkeypatch.setattr("trainer.deepen", fail)
+    with pytest.raises(ValueError, match=r"--init-from: .*base_channels: checkpoint 16, flags 8") as refused:
+        Trainer(config(folder, cache_dir, tmp_path / "other", base_channels=8, num_res_blocks=2,
+                       init_from=str(trained_run / "ema.safetensors")))
+    assert "num_res_blocks" not in str(refused.value), "the depth may differ; only the widths are wrong"
+
+
 def test_cond_noise_perturbs_real_tokens_by_the_asked_relative_size(folder, cache_dir, tmp_path):
     trainer = Trainer(config(folder, cache_dir, tmp_path, cond_noise=0.5))
     captions = ["red square", "a photo of a blue circle", "blue circle"]

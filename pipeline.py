@@ -9,6 +9,7 @@ import torch
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
 from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from guidance import CADS_SEED_OFFSET, DEFAULT_GUIDANCE, Guidance, guided_denoiser
+from models.cpu import sampling_memory_format
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
@@ -207,4 +208,5 @@ def load_model(path=None, device=torch.device("cpu")) -> tuple[ConditionalUNet, 
     except RuntimeError as e:  # names and shapes were checked: a last line of defence
         raise ModelFileError(f"{path}: its weights do not fit its config ({error_line(e, 200)})") from None
     model.to(device).eval().requires_grad_(False)
+    model.to(memory_format=sampling_memory_format(device))  # the same function, in the faster layout here
     return model, diffusion, {**info, "path": str(path), "parameters": model.num_parameters()}

@@ -1,10 +1,13 @@
-"""Memory layout of the training step: NCHW (what ships) against channels_last, and why.
+"""Memory layout: NCHW against channels_last, for the training step and for the sampler's network call, and why.
 
 oneDNN's convolutions are faster in channels_last (on AMX several times, in bf16), but a model is only as
-channels_last as its slowest layer. This measures the training step three ways, interleaved:
-NCHW; the whole model channels_last; channels_last with each GroupNorm converting to NCHW and back.
-Then GroupNorm alone (forward + backward) at each of the model's shapes, in both layouts and dtypes
-(CPU autocast runs group_norm in bf16: it is not on autocast's fp32 list).
+channels_last as its slowest layer. This measures the training step three ways, interleaved: NCHW (what
+training uses); channels_last with PyTorch's channels_last GroupNorm kernel; channels_last with the model's
+GroupNorm (models.modules.GroupNorm: PyTorch's NCHW kernel on a copy). Then the sampler's network call
+(inference, the sampler's precision) in NCHW and channels_last at the web app's batch and a larger one, with
+the layout `models.cpu.sampling_memory_format` picks on this CPU. Then GroupNorm alone (forward + backward)
+at each of the model's shapes, in both layouts and dtypes (CPU autocast runs group_norm in bf16: it is not on
+autocast's fp32 list).
 
     python bench/layout.py                 # shipped config, batch 64
     python bench/layout.py --threads 1
@@ -14,30 +17,48 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import interleaved, median, section, table, write_section
+from common import autocast, interleaved, median, our_unet, random_condition, section, table, write_section
 from torch import nn
 from training import ARCHS, forever, our_trainer, training_arguments
 
+from models.cpu import native_bf16, sampling_memory_format
+from models.modules import GroupNorm
+
 CL = torch.channels_last
+SAMPLING_BATCHES = (8, 32)  # the web app's 4 images under guidance; a batch of evaluate.py's size
 
 
-class NCHWGroupNorm(nn.GroupNorm):
-    """GroupNorm that runs its kernel on an NCHW copy and hands back channels_last."""
-
-    def forward(self, x):
-        y = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-        return y.contiguous(memory_format=CL)
-
-
-def to_channels_last(trainer, group_norm_via_nchw: bool) -> None:
-    """The trainer's model and its EMA copy in channels_last (a mixed-layout EMA update would be slow), each
-    GroupNorm converting around its kernel if asked. The parameters stay the same objects: the optimizer and
-    its schedule keep working on them."""
+def to_channels_last(trainer, pytorch_group_norm: bool) -> None:
+    """The trainer's model and its EMA copy in channels_last (a mixed-layout EMA update would be slow), with
+    PyTorch's own GroupNorm kernel if asked (the class swapped in place: the parameters stay the same objects,
+    so the optimizer and its schedule keep working on them)."""
     for model in (trainer.model, trainer.ema.module):
         model.to(memory_format=CL)
         for m in model.modules():
-            if group_norm_via_nchw and type(m) is nn.GroupNorm:
-                m.__class__ = NCHWGroupNorm
+            if pytorch_group_norm and isinstance(m, GroupNorm):
+                m.__class__ = nn.GroupNorm
+
+
+def sampling_rows(args) -> list[list[str]]:
+    """The sampler's network call (inference at its precision) in both layouts, interleaved, per batch."""
+    model = our_unet(ARCHS[args.arch], args.size).eval().requires_grad_(False)
+    dtype = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    pick = "channels_last" if sampling_memory_format("cpu") == CL else "NCHW"
+    rows = []
+    for batch in SAMPLING_BATCHES:
+        x, t, cond = torch.randn(batch, 3, args.size, args.size), torch.full((batch,), 500), random_condition(batch)
+
+        def call(layout):
+            def run():
+                model.to(memory_format=layout)
+                with torch.inference_mode(), autocast(dtype):
+                    model(x, t, cond)
+            return run
+        times = interleaved({"NCHW": call(torch.contiguous_format), "channels_last": call(CL)}, args.reps, warmup=1,
+                            min_time=0.2)
+        nchw, cl = median(times["NCHW"]), median(times["channels_last"])
+        rows.append([str(batch), f"{nchw * 1000:.1f}", f"{cl * 1000:.1f}", f"**{nchw / cl:.2f}x**", pick])
+    return rows
 
 
 def group_norm_shapes(trainer, images, captions) -> list[tuple]:
@@ -62,13 +83,13 @@ def main(argv=None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = tempfile.mkdtemp(prefix="bench_layout_")
-    variants = {"NCHW": None, "channels_last": False, "channels_last, GroupNorm via NCHW": True}
+    variants = {"NCHW": None, "channels_last, PyTorch's GroupNorm": True, "channels_last, GroupNorm via NCHW": False}
     fns, trainers = {}, {}
-    for name, via_nchw in variants.items():
+    for name, pytorch_group_norm in variants.items():
         torch.manual_seed(0)
         trainer = trainers[name] = our_trainer(args, ARCHS[args.arch], "auto", out_dir)
-        if via_nchw is not None:
-            to_channels_last(trainer, via_nchw)
+        if pytorch_group_norm is not None:
+            to_channels_last(trainer, pytorch_group_norm)
     batches = list(itertools.islice(forever(trainers["NCHW"].loader), 4))
     for name, trainer in trainers.items():
         data = itertools.cycle(batches)
@@ -77,7 +98,10 @@ def main(argv=None) -> str:
     base = median(steps["NCHW"])
     rows = [[name, f"{median(t) * 1000:.0f}", f"{args.batch / median(t):.1f}", f"**{base / median(t):.2f}x**"]
             for name, t in steps.items()]
-    body = table(["layout", "step ms", "img/s", "speed vs NCHW"], rows)
+    body = table(["training step layout", "step ms", "img/s", "speed vs NCHW"], rows)
+    sampling = table(["sampling batch", "NCHW ms", "channels_last ms", "channels_last speed", "picked here"],
+                     sampling_rows(args))
+    body += f"\n\nThe sampler's network call (inference, the sampler's precision; the model's GroupNorm):\n\n{sampling}"
 
     dtype = torch.bfloat16 if trainers["NCHW"].amp_dtype == torch.bfloat16 else torch.float32
     gn_rows = []
@@ -91,10 +115,11 @@ def main(argv=None) -> str:
     body = f"{body}\n\nGroupNorm forward + backward at the model's shapes (32 groups or fewer):\n\n{gn_body}"
     notes = (f"Config: {ARCHS[args.arch].describe()} at {args.size}px, batch {args.batch}, data `{args.data}`, "
              "the train command's default precision (bf16 autocast on CPUs with native bf16); a full optimizer step "
-             f"(`Trainer.train_step`), medians of {args.reps} interleaved rounds.")
+             f"(`Trainer.train_step`), medians of {args.reps} interleaved rounds. \"picked here\": the layout "
+             "`Pipeline.load` puts a model in on this CPU (`models.cpu.sampling_memory_format`).")
     print(body + "\n\n" + notes)
     if args.write:
-        write_section(f"layout-{args.arch}", section(f"Memory layout of the training step ({args.arch} config)",
+        write_section(f"layout-{args.arch}", section(f"Memory layout: the training step and the sampling call ({args.arch} config)",
                                                      body, notes), args.doc)
     return body
 

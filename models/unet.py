@@ -138,4 +138,4 @@ class ConditionalUNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
             if level.resample is not None:
                 h = level.resample(h)
-        return F.pixel_shuffle(self.out(h), self.cfg.patch_size)
+        return F.pixel_shuffle(self.out(h), self.cfg.patch_size).contiguous()  # NCHW, whatever the model's layout

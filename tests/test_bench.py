@@ -67,9 +67,11 @@ def test_layout(tmp_path, folder_data):
     doc = tmp_path / "bench.md"
     layout.main(["--arch", "tiny", "--data", str(folder_data), "--cache-dir", str(tmp_path), "--batch", "4",
                  "--reps", "1", "--write", "--doc", str(doc)])
-    lines = check_table(doc, "layout-tiny", "layout")
-    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| NCHW", "| channels_last", "| channels_last, GroupNorm via NCHW"]
-    assert "| GroupNorm input |" in doc.read_text()
+    lines = check_table(doc, "layout-tiny", "training step layout")
+    assert [line.split(" | ")[0] for line in lines[2:5]] == \
+        ["| NCHW", "| channels_last, PyTorch's GroupNorm", "| channels_last, GroupNorm via NCHW"]
+    text = doc.read_text()
+    assert "| sampling batch |" in text and "| 8 |" in text and "| GroupNorm input |" in text
 
 
 def test_memory(tmp_path, folder_data):

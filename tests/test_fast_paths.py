@@ -1,15 +1,18 @@
-"""The speed paths (bf16 attention on CPU, bf16 sampling) compute the same thing as the plain ones."""
+"""The speed paths (bf16 attention on CPU, bf16 sampling, the channels_last layout) compute the same thing as the plain ones."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffusion as D
 import samplers as S
+from checkpoints import save_weights
 from guidance import guided_denoiser
+from models import cpu
 from models.cpu import native_bf16
-from models.modules import attention
+from models.modules import GroupNorm, attention, group_norm
 from models.text_encoder import null_condition
 from models.unet import ConditionalUNet, UNetConfig
+from pipeline import generate_images, load_model
 from tests.gaussian_oracle import MU, marginal_cov
 from tests.test_unet import TINY, random_condition, trained_like
 from train_config import autocast_dtype
@@ -116,3 +119,69 @@ def test_native_bf16_follows_the_cpu_and_the_isa_onednn_may_use(has_bf16, isa, n
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     assert native_bf16("cpu") is native and native_bf16("meta") is False
     assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_group_norm_hands_channels_last_back_in_channels_last_with_the_nchw_result(dtype, tol):
+    norm = group_norm(64)
+    x = torch.randn(2, 64, 8, 8, dtype=dtype)
+    grad = torch.randn_like(x)
+    results = []
+    for layout in (torch.contiguous_format, CL):
+        xl = x.clone(memory_format=layout).requires_grad_()
+        y = norm(xl)
+        y.backward(grad.contiguous(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout)
+        results.append((y.detach().float(), xl.grad.float(), norm.weight.grad.clone()))
+        norm.zero_grad()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_the_unet_computes_the_same_function_in_channels_last_and_keeps_that_layout_inside():
+    model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY)))
+    x, t, cond = torch.randn(2, 3, 32, 32), torch.tensor([10, 900]), random_condition(2)
+    runs = []
+    for layout in (torch.contiguous_format, CL):
+        model.to(memory_format=layout).zero_grad()
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=layout)))
+                 for m in model.modules() if isinstance(m, GroupNorm)]
+        out = model(x, t, cond)
+        out.square().mean().backward()
+        for h in hooks:
+            h.remove()
+        assert out.is_contiguous() and seen and all(seen), "every GroupNorm sees the model's layout"
+        runs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", sorted(S.SAMPLERS))
+def test_every_sampler_draws_the_same_images_with_the_model_in_either_layout(sampler):
+    model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval()
+    diffusion = D.GaussianDiffusion.from_name("cosine", 100)
+    drawn = []
+    for layout in (torch.contiguous_format, CL):
+        model.to(memory_format=layout)
+        drawn.append(generate_images(model, diffusion, random_condition(2), sampler, 5, 3.0, seed=0, precision="fp32"))
+    assert drawn[0].is_contiguous() and drawn[1].is_contiguous()
+    diff = (drawn[0] - drawn[1]).abs()  # fp32 rounding; a pixel near x0's clipping edge may move a little more
+    assert diff.mean() < 1e-4 and diff.max() < 0.02, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_loaded_model_samples_in_channels_last_exactly_where_sampling_runs_in_bf16(native, monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "native_bf16", lambda device: native)
+    assert cpu.sampling_memory_format("cpu") == (CL if native else torch.contiguous_format)
+    path = tmp_path / "model.safetensors"
+    cfg = UNetConfig(attention_resolutions=(16,), **TINY)
+    save_weights(ConditionalUNet(cfg).state_dict(),
+                 {"config": {"unet": cfg.to_dict(), "schedule": "cosine", "timesteps": 100}, "info": {}}, path)
+    model = load_model(path)[0]
+    weight = model.input_conv.weight
+    assert weight.is_contiguous(memory_format=CL) is native and weight.is_contiguous() is not native

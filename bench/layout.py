@@ -12,6 +12,7 @@ autocast's fp32 list).
     python bench/layout.py                 # shipped config, batch 64
     python bench/layout.py --threads 1
 """
+import copy
 import itertools
 import tempfile
 
@@ -40,24 +41,24 @@ def to_channels_last(trainer, pytorch_group_norm: bool) -> None:
 
 
 def sampling_rows(args) -> list[list[str]]:
-    """The sampler's network call (inference at its precision) in both layouts, interleaved, per batch."""
-    model = our_unet(ARCHS[args.arch], args.size).eval().requires_grad_(False)
+    """The sampler's network call (inference at its precision) in both layouts, interleaved, per batch: one copy of
+    the model per layout, so that no call times a conversion of the weights."""
+    nchw = our_unet(ARCHS[args.arch], args.size).eval().requires_grad_(False)
+    models = {"NCHW": nchw, "channels_last": copy.deepcopy(nchw).to(memory_format=CL)}
     dtype = torch.bfloat16 if native_bf16("cpu") else torch.float32
-    pick = "channels_last" if sampling_memory_format("cpu") == CL else "NCHW"
+    pick = "channels_last" if sampling_memory_format("cpu", args.size // ARCHS[args.arch].patch_size) == CL else "NCHW"
     rows = []
     for batch in SAMPLING_BATCHES:
         x, t, cond = torch.randn(batch, 3, args.size, args.size), torch.full((batch,), 500), random_condition(batch)
 
-        def call(layout):
+        def call(model):
             def run():
-                model.to(memory_format=layout)
                 with torch.inference_mode(), autocast(dtype):
                     model(x, t, cond)
             return run
-        times = interleaved({"NCHW": call(torch.contiguous_format), "channels_last": call(CL)}, args.reps, warmup=1,
-                            min_time=0.2)
-        nchw, cl = median(times["NCHW"]), median(times["channels_last"])
-        rows.append([str(batch), f"{nchw * 1000:.1f}", f"{cl * 1000:.1f}", f"**{nchw / cl:.2f}x**", pick])
+        times = interleaved({name: call(m) for name, m in models.items()}, args.reps, warmup=1, min_time=0.2)
+        base, cl = median(times["NCHW"]), median(times["channels_last"])
+        rows.append([str(batch), f"{base * 1000:.1f}", f"{cl * 1000:.1f}", f"**{base / cl:.2f}x**", pick])
     return rows
 
 

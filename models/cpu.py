@@ -18,10 +18,17 @@ def native_bf16(device) -> bool:
     return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in ISAS_WITHOUT_BF16
 
 
-def sampling_memory_format(device) -> torch.memory_format:
-    """channels_last where sampling runs in bf16 on the CPU (native bf16), else NCHW. oneDNN's bf16 convolutions
-    are faster in channels_last (up to 2x on AVX512-BF16, several times with AMX) and the U-Net keeps the layout
-    (models.modules.GroupNorm converts around PyTorch's slow channels_last kernel), so a sampling step is faster:
-    `python bench/layout.py` measures both. A rule, not a timing probe, so that a seed draws the same images
-    in every process on one machine. Training stays NCHW: its backward pays the conversions twice (same bench)."""
-    return torch.channels_last if native_bf16(device) else torch.contiguous_format
+# Largest feature map (image size / patch size) at which channels_last sampling was measured faster on AVX512-BF16
+# (bench/layout.py: 16x16 1.12-1.21x, 32x32 1.06-1.07x; 64x64 0.92-1.00x, i.e. slower): beyond it, NCHW.
+CHANNELS_LAST_MAX_MAP = 32
+
+
+def sampling_memory_format(device, feature_map: int) -> torch.memory_format:
+    """channels_last where sampling runs in bf16 on the CPU (native bf16) and the model computes on feature maps of
+    at most CHANNELS_LAST_MAX_MAP pixels a side, else NCHW. oneDNN's bf16 convolutions are faster in channels_last
+    (up to 2x on AVX512-BF16, several times with AMX) and the U-Net keeps the layout (models.modules.GroupNorm
+    converts around PyTorch's slow channels_last kernel); on larger maps the conversions cost more than that gains.
+    A rule, not a timing probe, so that a seed draws the same images in every process on one machine. Training
+    stays NCHW: its backward pays the conversions twice (`python bench/layout.py` measures all of it)."""
+    fast = native_bf16(device) and feature_map <= CHANNELS_LAST_MAX_MAP
+    return torch.channels_last if fast else torch.contiguous_format

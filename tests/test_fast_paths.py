@@ -174,14 +174,18 @@ def test_every_sampler_draws_the_same_images_with_the_model_in_either_layout(sam
     assert diff.mean() < 1e-4 and diff.max() < 0.02, (diff.mean(), diff.max())
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_loaded_model_samples_in_channels_last_exactly_where_sampling_runs_in_bf16(native, monkeypatch, tmp_path):
+@pytest.mark.parametrize("native,image_size,patch_size,fast", [(True, 32, 1, True), (True, 32, 2, True),
+                                                              (True, 64, 1, False), (False, 32, 1, False)])
+def test_a_loaded_model_samples_in_channels_last_exactly_where_that_was_measured_faster(native, image_size, patch_size,
+                                                                                        fast, monkeypatch, tmp_path):
+    # channels_last with native bf16 on maps up to CHANNELS_LAST_MAX_MAP a side; NCHW without bf16 or on larger maps
     monkeypatch.setattr(cpu, "native_bf16", lambda device: native)
-    assert cpu.sampling_memory_format("cpu") == (CL if native else torch.contiguous_format)
+    feature_map = image_size // patch_size
+    assert cpu.sampling_memory_format("cpu", feature_map) == (CL if fast else torch.contiguous_format)
     path = tmp_path / "model.safetensors"
-    cfg = UNetConfig(attention_resolutions=(16,), **TINY)
+    cfg = UNetConfig(image_size=image_size, patch_size=patch_size, attention_resolutions=(feature_map // 2,), **TINY)
     save_weights(ConditionalUNet(cfg).state_dict(),
                  {"config": {"unet": cfg.to_dict(), "schedule": "cosine", "timesteps": 100}, "info": {}}, path)
     model = load_model(path)[0]
     weight = model.input_conv.weight
-    assert weight.is_contiguous(memory_format=CL) is native and weight.is_contiguous() is not native
+    assert weight.is_contiguous(memory_format=CL) is fast and weight.is_contiguous() is not fast

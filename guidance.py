@@ -106,7 +106,7 @@ def annealed_condition(cond: TextCondition, gamma: float, noise_scale: float,
     mix = lambda v: gamma ** 0.5 * v + noise_scale * (1 - gamma) ** 0.5 * noise(v)
     tokens = _rescaled(cond.tokens, mix(cond.tokens), real[..., None].expand_as(cond.tokens))
     pooled = _rescaled(cond.pooled, mix(cond.pooled), torch.ones_like(cond.pooled))
-    return TextCondition(tokens, cond.mask, pooled)
+    return cond._replace(tokens=tokens, pooled=pooled)  # the style weights, if any, stay as they are
 
 
 def guided_denoiser(model, cond: TextCondition, uncond: TextCondition, guidance: Guidance | float,

@@ -21,7 +21,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_m
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the shipped model has 6M
 UNET_SIZES = {"image_size": (1, 1024), "in_channels": (1, 16), "base_channels": (1, 4096), "num_res_blocks": (1, 32),
               "num_heads": (1, 64), "patch_size": (1, 16), "context_dim": (EMBED_DIM, EMBED_DIM)}
-MAX_LEVELS, MAX_CHANNEL_MULT, MAX_TIMESTEPS = 8, 64, 100_000
+MAX_LEVELS, MAX_CHANNEL_MULT, MAX_TIMESTEPS, MAX_STYLES = 8, 64, 100_000, 64
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -81,6 +81,10 @@ class Pipeline:
         model, diffusion, info = load_model(path, pick_device(device))
         return cls(model, diffusion, encoder or TextEncoder(), info)
 
+    def condition(self, prompts: Sequence[str]) -> TextCondition:
+        """The prompts' text condition, with the styles they name where the model has a style embedding."""
+        return self.encoder(prompts).with_style(prompts, self.model.cfg.style_words)
+
     def training_data(self, spec=None):
         """The captioned data set `spec` (default: the one the model was trained on) at the model's size."""
         cfg = self.model.cfg
@@ -95,8 +99,8 @@ class Pipeline:
         negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-        negative = self.encoder(negatives) if any(p.strip() for p in negatives) else None
-        return generate_images(self.model, self.diffusion, self.encoder(prompts), sampler, steps, guidance, seed,
+        negative = self.condition(negatives) if any(p.strip() for p in negatives) else None
+        return generate_images(self.model, self.diffusion, self.condition(prompts), sampler, steps, guidance, seed,
                                callback, negative=negative, **options)
 
     def morph(self, prompt_a: str, prompt_b: str, frames: int = 8, sampler="dpmpp", steps=25, guidance=DEFAULT_GUIDANCE, seed=0,
@@ -106,9 +110,9 @@ class Pipeline:
         and last frames are what `generate([prompt_a], seed=seed)` and `generate([prompt_b], seed=seed)` draw."""
         if not (isinstance(frames, int) and frames >= 2):
             raise ValueError(f"a morph needs at least 2 frames, got {frames!r}")
-        cond = interpolate_conditions(self.encoder([prompt_a]), self.encoder([prompt_b]),
+        cond = interpolate_conditions(self.condition([prompt_a]), self.condition([prompt_b]),
                                       [k / (frames - 1) for k in range(frames)])
-        negative = self.encoder([negative_prompt]) if negative_prompt.strip() else None
+        negative = self.condition([negative_prompt]) if negative_prompt.strip() else None
         return generate_images(self.model, self.diffusion, cond, sampler, steps, guidance, [seed] * frames, callback,
                                negative=negative, **options)
 
@@ -142,6 +146,10 @@ def unet_config(unet: dict, path) -> UNetConfig:
         bad.append("dropout must be a number from 0 to below 1")
     if not isinstance(unet.get("learn_sigma", False), bool):
         bad.append("learn_sigma must be true or false")
+    words = unet.get("style_words", [])
+    if not isinstance(words, list | tuple) or len(words) > MAX_STYLES or not all(
+            isinstance(w, str) and 0 < len(w.strip()) <= 40 for w in words) or len(set(words)) < len(words):
+        bad.append(f"style_words must be at most {MAX_STYLES} different names of 1 to 40 characters")
     if bad:
         raise ModelFileError(f"{path}: its model config is not a model this project can build ({'; '.join(bad)})")
     try:

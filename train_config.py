@@ -42,6 +42,7 @@ class TrainConfig:
     attention_resolutions: tuple[int, ...] = option((16, 8), 'feature-map sizes with self- and cross-attention, e.g. 16 8')
     num_heads: int = option(4, 'attention heads')
     patch_size: int = option(1, 'pixels per side folded into channels at the input (2: a 32px model computes on 16x16 maps, ~4x cheaper)')
+    style_embedding: bool = option(False, 'learn an embedding per style the data names (mix, or sources joined with "+"), added where a caption names it: "an OpenMoji pizza" gets OpenMoji\'s')
     dropout: float = option(0.1, 'dropout inside residual blocks')
     precision: str = option("auto", '"auto" (fp16 with gradient scaling on CUDA, bf16 on CPUs with native bf16, else fp32), "fp32", "bf16" or "fp16"')
     device: str = option("auto", '"auto" (CUDA, then MPS, then CPU) or a torch device such as "cpu" or "cuda:1"')
@@ -59,11 +60,14 @@ class TrainConfig:
     num_workers: int = option(0, 'data-loader worker processes (datasets are held in memory, so 0 is usually fastest)')
     cache_dir: str = option("data", 'folder for the rendered emoji data set and cached caption embeddings')
 
-    def unet_config(self, channels: int) -> UNetConfig:
+    def unet_config(self, channels: int, style_words: tuple[str, ...] = ()) -> UNetConfig:
+        """The U-Net of these flags for data of `channels` whose captions name `style_words` (used with
+        --style-embedding only)."""
         return UNetConfig(image_size=self.image_size, in_channels=channels, base_channels=self.base_channels,
                           channel_mult=self.channel_mult, num_res_blocks=self.num_res_blocks,
                           attention_resolutions=self.attention_resolutions, num_heads=self.num_heads,
-                          dropout=self.dropout, learn_sigma=self.hybrid_loss, patch_size=self.patch_size)
+                          dropout=self.dropout, learn_sigma=self.hybrid_loss, patch_size=self.patch_size,
+                          style_words=tuple(style_words) if self.style_embedding else ())
 
     def run_dir(self) -> Path:
         name = "emoji" if self.data == "emoji" else Path(self.data).resolve().name

@@ -27,13 +27,14 @@ from checkpoints import (
 )
 from diffusion import GaussianDiffusion
 from guidance import DEFAULT_GUIDANCE
-from models.growth import deepen
+from models.growth import add_style_embedding, deepen
 from models.text_encoder import TextEncoder, collate
 from models.unet import ConditionalUNet, UNetConfig
 from pipeline import generate_images, pick_device
 from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
-from preprocess import embed_captions, load_dataset
+from preprocess import dataset_styles, embed_captions, load_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from sources.captions import STYLE_NAMES
 from train_config import MUST_MATCH_ON_RESUME, TrainConfig, autocast_dtype, lr_lambda
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,7 +71,7 @@ class Trainer:
         cache = Path(cfg.cache_dir) / f"captions_{self.data.name}.safetensors"
         self.embeddings = self._rank_zero_first(lambda: embed_captions(captions, cache))
 
-        self.unet_cfg = cfg.unet_config(self.data.channels)
+        self.unet_cfg = cfg.unet_config(self.data.channels, self._style_words())
         self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps, cfg.prediction)
         self.model = ConditionalUNet(self.unet_cfg).to(self.device)
         if cfg.init_from and not cfg.resume:
@@ -109,6 +110,14 @@ class Trainer:
             dist.barrier()
         return result
 
+    def _style_words(self) -> tuple[str, ...]:
+        """The names of the styles the data's captions name, for --style-embedding."""
+        words = tuple(STYLE_NAMES[s] for s in dataset_styles(self.cfg.data))
+        if self.cfg.style_embedding and not words:
+            raise ValueError(f"--style-embedding needs data of several styles (mix, or sources joined with '+', e.g. "
+                             f"noto+openmoji); {self.cfg.data!r} names none")
+        return words
+
     def _default_prompts(self, n: int = 8) -> list[str]:
         stride = max(1, len(self.data) // n)
         return [self.data.captions[i][0] for i in range(0, len(self.data), stride)][:n]
@@ -116,14 +125,18 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------------
 
     def _condition(self, captions, drop: torch.Tensor):
-        cond = collate([self.embeddings[c] for c in captions]).to(self.device)
-        # dropped rows become the empty prompt: no visible tokens, zero pooled vector
+        cond = self._collate(captions).to(self.device)
+        # dropped rows become the empty prompt: no visible tokens, zero pooled vector, no style
         keep = ~drop.to(self.device)
         tokens, pooled = cond.tokens, cond.pooled
         if self.cfg.cond_noise:  # robustness: the model learns the neighbourhood of each caption, not a point
             tokens = tokens + self._relative_noise(tokens) * cond.mask[..., None]
             pooled = pooled + self._relative_noise(pooled)
-        return type(cond)(tokens, cond.mask & keep[:, None], pooled * keep[:, None])
+        style = None if cond.style is None else cond.style * keep[:, None]
+        return cond._replace(tokens=tokens, mask=cond.mask & keep[:, None], pooled=pooled * keep[:, None], style=style)
+
+    def _collate(self, captions):
+        return collate([self.embeddings[c] for c in captions]).with_style(captions, self.unet_cfg.style_words)
 
     def _relative_noise(self, x: torch.Tensor) -> torch.Tensor:
         rms = x.pow(2).mean(-1, keepdim=True).sqrt()
@@ -175,7 +188,7 @@ class Trainer:
         g = torch.Generator().manual_seed(1234)
         idx = torch.randperm(len(self.val_data), generator=g)[:n]
         x0 = torch.stack([self.val_data.images[i] for i in idx]).float().div(127.5).sub(1).to(self.device)
-        cond = collate([self.embeddings[self.val_data.captions[i][0]] for i in idx]).to(self.device)
+        cond = self._collate([self.val_data.captions[i][0] for i in idx]).to(self.device)
         t = torch.randint(0, self.diffusion.T, (len(idx),), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         model = self.ema.module.eval()
@@ -295,7 +308,8 @@ class Trainer:
 
     def save_samples(self, stem: str) -> None:
         model = self.ema.module.eval()
-        cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts])
+        cond = collate([self.embeddings.get(p) or self._encode(p) for p in self.prompts]).with_style(
+            self.prompts, self.unet_cfg.style_words)
         recorder = DenoisingRecorder(steps=DEFAULT_STEPS)
         images = generate_images(model, self.diffusion, cond, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE,
                                  seed=0, callback=recorder)
@@ -387,20 +401,27 @@ class Trainer:
 
     def _init_from(self, path) -> None:
         """--init-from: the EMA weights of a model whose architecture matches the flags, or of a shallower one, deepened
-        to the flags' --num-res-blocks as the same function; the optimizer starts afresh."""
+        to the flags' --num-res-blocks as the same function, or of one without the style embedding that
+        --style-embedding asks for (added at zero); the optimizer starts afresh."""
         weights, config, _ = read_model_file(path)
         saved, target = UNetConfig(**config["unet"]), self.unet_cfg.num_res_blocks
         deeper = saved.num_res_blocks < target  # grown below to the same function (models/growth.py)
-        as_grown = {**config, "unet": {**saved.to_dict(), "num_res_blocks": target}} if deeper else config
+        styled = not saved.style_words and bool(self.unet_cfg.style_words)  # likewise
+        grown_unet = {**saved.to_dict(), "num_res_blocks": max(target, saved.num_res_blocks),
+                      "style_words": saved.style_words or self.unet_cfg.style_words}
+        as_grown = {**config, "unet": grown_unet}
         diffs = self._config_diffs(as_grown, ())  # before any work: a model of other widths is refused at once
         if diffs:
             raise ValueError(f"--init-from: {path} does not match the flags ({'; '.join(diffs)}). Give the "
                              "architecture flags the model was trained with (its model card lists them); "
-                             "only --num-res-blocks may be larger.")
+                             "only --num-res-blocks may be larger, and --style-embedding be added.")
         grown = ""
         if deeper:
             grown = f", deepened from {saved.num_res_blocks} to {target} residual blocks per level"
-            weights, _ = deepen(weights, saved, target, self.cfg.seed)
+            weights, saved = deepen(weights, saved, target, self.cfg.seed)
+        if styled:
+            grown += f", a style embedding added for {', '.join(self.unet_cfg.style_words)}"
+            weights, saved = add_style_embedding(weights, saved, self.unet_cfg.style_words)
         self.model.load_state_dict(weights)
         if self.main:
             tqdm.write(f"initialised from {path}{grown}")
@@ -446,4 +467,4 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def _split(cond, size):
-    return [type(cond)(*parts) for parts in zip(*(t.split(size) for t in cond))]
+    return [cond.index(slice(start, start + size)) for start in range(0, len(cond.pooled), size)]

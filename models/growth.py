@@ -1,4 +1,5 @@
-"""Deepen a trained U-Net without changing what it computes: more residual blocks per level, as a warm start.
+"""Grow a trained U-Net without changing what it computes, as a warm start: more residual blocks per level, or a
+style embedding.
 
 A new block starts as the identity, so the grown network's output equals the old one's and training goes
 on from there (as Net2DeeperNet, Chen et al. 2016). In a down level the new blocks follow the old ones: a
@@ -64,3 +65,15 @@ def deepen(weights: dict[str, torch.Tensor], cfg: UNetConfig, num_res_blocks: in
         for i in range(1, old_n + 1):
             _copy_block(new, weights, f"up.{level}.blocks.{i + added}.", f"up.{level}.blocks.{i}.")
     return new, new_cfg
+
+
+def add_style_embedding(weights: dict[str, torch.Tensor], cfg: UNetConfig,
+                        style_words: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], UNetConfig]:
+    """The state dict and config of `cfg`'s model (which has no style embedding) with one for `style_words`, at
+    zero: the same function until training moves it."""
+    if cfg.style_words:
+        raise ValueError(f"the model already has a style embedding (for {', '.join(cfg.style_words)})")
+    new_cfg = replace(cfg, style_words=tuple(style_words))
+    emb_dim = weights["pooled_proj.weight"].shape[0]
+    dtype = weights["pooled_proj.weight"].dtype
+    return {**weights, "style_embed.weight": torch.zeros(emb_dim, len(style_words), dtype=dtype)}, new_cfg

@@ -5,9 +5,10 @@ time embedding. The empty prompt has no tokens and a zero pooled vector: the U-N
 that into its learned null condition, which classifier-free guidance uses.
 """
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,12 +24,27 @@ class TextCondition(NamedTuple):
     # between two prompts weight the tokens only one of them has by how far along the frame is)
     mask: torch.Tensor
     pooled: torch.Tensor  # (B, 384) normalised sentence embedding, zero for the empty prompt
+    # (B, S): weight of each of a model's S style names (UNetConfig.style_words) that the prompt names, 1 if named,
+    # else 0; None for a model without a style embedding (or a batch naming none)
+    style: Optional[torch.Tensor] = None
 
     def to(self, device) -> "TextCondition":
-        return TextCondition(*(t.to(device) for t in self))
+        return TextCondition(*(None if t is None else t.to(device) for t in self))
 
     def index(self, idx) -> "TextCondition":
-        return TextCondition(*(t[idx] for t in self))
+        return TextCondition(*(None if t is None else t[idx] for t in self))
+
+    def with_style(self, prompts: Sequence[str], style_words: Sequence[str]) -> "TextCondition":
+        """This condition with the style weights of `prompts` (one per row) for a model knowing `style_words`."""
+        return self._replace(style=style_weights(prompts, style_words)) if style_words else self
+
+
+def style_weights(prompts: Sequence[str], style_words: Sequence[str]) -> torch.Tensor:
+    """(B, S): 1 where prompt b names style word s (whole words, any case: "an OpenMoji pizza", "a cat, clip art"),
+    else 0. A prompt naming no style gets zeros, as the empty prompt does."""
+    patterns = [re.compile(rf"\b{re.escape(w)}\b", re.IGNORECASE) for w in style_words]
+    return torch.tensor([[float(bool(p.search(prompt))) for p in patterns] for prompt in prompts]).reshape(
+        len(prompts), len(style_words))
 
 
 def collate(per_prompt: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> TextCondition:
@@ -47,8 +63,11 @@ def concat_conditions(conds: Sequence[TextCondition]) -> TextCondition:
     """Concatenate batches of conditions, zero-padding (mask False) to the longest token length."""
     length = max(c.tokens.shape[1] for c in conds)
     pad = lambda x: torch.nn.functional.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])
+    styled = [c.style for c in conds if c.style is not None]
+    style = None if not styled else torch.cat(
+        [c.style if c.style is not None else styled[0].new_zeros(len(c.pooled), styled[0].shape[1]) for c in conds])
     return TextCondition(torch.cat([pad(c.tokens) for c in conds]), torch.cat([pad(c.mask) for c in conds]),
-                         torch.cat([c.pooled for c in conds]))
+                         torch.cat([c.pooled for c in conds]), style)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -69,11 +88,12 @@ def interpolate_conditions(a: TextCondition, b: TextCondition, weights: Sequence
     w = 0 is `a` and w = 1 is `b`, so the ends draw exactly what the prompts alone do, and every frame is a
     continuous function of w. Token positions both prompts have are mixed, lerp(a, b, w), with weight 1; a position
     only `a` has keeps a's token with attention weight 1 - w, one only `b` has b's token with weight w (the
-    cross-attention adds log(weight) to its scores: the token fades in or out). The pooled vectors are slerped."""
+    cross-attention adds log(weight) to its scores: the token fades in or out). The pooled vectors are slerped,
+    the style weights (if any) lerped."""
     if len(a.pooled) != 1 or len(b.pooled) != 1:
         raise ValueError("interpolate_conditions takes one prompt's condition on each side")
     both = concat_conditions([a, b])
-    (ta, tb), (ma, mb), (pa, pb) = (x.unbind(0) for x in both)
+    (ta, tb), (ma, mb), (pa, pb) = (x.unbind(0) for x in both[:3])
     shared = (ma & mb)[:, None]
     rows = []
     for w in weights:
@@ -85,7 +105,8 @@ def interpolate_conditions(a: TextCondition, b: TextCondition, weights: Sequence
         else:  # where not shared, one of ta, tb is zero padding
             rows.append((torch.where(shared, torch.lerp(ta, tb, w), ta + tb), ma.float() * (1 - w) + mb.float() * w,
                          slerp(pa, pb, w)))
-    return TextCondition(*(torch.stack(parts) for parts in zip(*rows)))
+    style = None if both.style is None else torch.stack([torch.lerp(*both.style, float(w)) for w in weights])
+    return TextCondition(*(torch.stack(parts) for parts in zip(*rows)), style)
 
 
 def null_pair() -> tuple[torch.Tensor, torch.Tensor]:

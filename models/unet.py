@@ -25,10 +25,14 @@ class UNetConfig:
     # Pixels per side folded into channels before the first conv (pixel-unshuffle), unfolded at the
     # end: patch_size 2 runs a 32x32 model on 16x16 feature maps, about 4x fewer FLOPs.
     patch_size: int = 1
+    # Style names with a learned embedding each, added to the time embedding where a prompt names them
+    # (TextCondition.style): a direct handle on the style, apart from the text. () for none.
+    style_words: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        self.style_words = tuple(self.style_words)
         factor = self.patch_size * 2 ** (len(self.channel_mult) - 1)
         if self.image_size % factor:
             raise ValueError(f"image_size {self.image_size} must be divisible by {factor} "
@@ -72,6 +76,10 @@ class ConditionalUNet(nn.Module):
         emb_dim = 4 * ch
         self.time_embed = TimeEmbedding(ch, emb_dim)
         self.pooled_proj = nn.Linear(cfg.context_dim, emb_dim)
+        # zero at the start: a style embedding added to a trained model leaves its function unchanged
+        self.style_embed = nn.Linear(len(cfg.style_words), emb_dim, bias=False) if cfg.style_words else None
+        if self.style_embed is not None:
+            nn.init.zeros_(self.style_embed.weight)
         self.context_norm = nn.LayerNorm(cfg.context_dim)
         # Always-attendable learned token: the whole condition of the empty prompt (CFG's null).
         self.null_token = nn.Parameter(torch.randn(1, 1, cfg.context_dim) * 0.02)
@@ -121,6 +129,8 @@ class ConditionalUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """x: (B, C, H, W) noisy images; t: (B,) timesteps; cond: the prompts' TextCondition."""
         emb = self.time_embed(t) + self.pooled_proj(cond.pooled)
+        if self.style_embed is not None and cond.style is not None:
+            emb = emb + self.style_embed(cond.style.to(emb.dtype))
         context, mask = self._context(cond)
         h = self.input_conv(F.pixel_unshuffle(x, self.cfg.patch_size))
         skips = [h]

@@ -18,7 +18,6 @@ from checkpoints import (
     CheckpointWriteError,
     compact_history,
     prune_checkpoints,
-    read_model_file,
     read_training_checkpoint,
     remove_stale_temp_files,
     save_checkpoint,
@@ -27,15 +26,15 @@ from checkpoints import (
 )
 from diffusion import GaussianDiffusion
 from guidance import DEFAULT_GUIDANCE
-from models.growth import add_style_embedding, deepen
 from models.text_encoder import TextEncoder, collate
-from models.unet import ConditionalUNet, UNetConfig
+from models.unet import ConditionalUNet
 from pipeline import generate_images, pick_device
 from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
 from preprocess import dataset_styles, embed_captions, load_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from sources.captions import STYLE_NAMES
 from train_config import MUST_MATCH_ON_RESUME, TrainConfig, autocast_dtype, lr_lambda
+from warm_start import config_diffs, warm_start_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -400,47 +399,14 @@ class Trainer:
         raise ValueError(f"--resume: none of the {len(found)} checkpoints in {self.run_dir} is readable")
 
     def _init_from(self, path) -> None:
-        """--init-from: the EMA weights of a model whose architecture matches the flags, or of a shallower one, deepened
-        to the flags' --num-res-blocks as the same function, or of one without the style embedding that
-        --style-embedding asks for (added at zero); the optimizer starts afresh."""
-        weights, config, _ = read_model_file(path)
-        saved, target = UNetConfig(**config["unet"]), self.unet_cfg.num_res_blocks
-        deeper = saved.num_res_blocks < target  # grown below to the same function (models/growth.py)
-        styled = not saved.style_words and bool(self.unet_cfg.style_words)  # likewise
-        grown_unet = {**saved.to_dict(), "num_res_blocks": max(target, saved.num_res_blocks),
-                      "style_words": saved.style_words or self.unet_cfg.style_words}
-        as_grown = {**config, "unet": grown_unet}
-        diffs = self._config_diffs(as_grown, ())  # before any work: a model of other widths is refused at once
-        if diffs:
-            raise ValueError(f"--init-from: {path} does not match the flags ({'; '.join(diffs)}). Give the "
-                             "architecture flags the model was trained with (its model card lists them); "
-                             "only --num-res-blocks may be larger, and --style-embedding be added.")
-        grown = ""
-        if deeper:
-            grown = f", deepened from {saved.num_res_blocks} to {target} residual blocks per level"
-            weights, saved = deepen(weights, saved, target, self.cfg.seed)
-        if styled:
-            grown += f", a style embedding added for {', '.join(self.unet_cfg.style_words)}"
-            weights, saved = add_style_embedding(weights, saved, self.unet_cfg.style_words)
+        weights, grown = warm_start_weights(path, self.cfg, self.unet_cfg)
         self.model.load_state_dict(weights)
         if self.main:
             tqdm.write(f"initialised from {path}{grown}")
 
-    def _config_diffs(self, config: dict, train_keys) -> list[str]:
-        """Differences between a saved config and the flags: architecture, schedule, prediction, `train_keys`."""
-        saved = {**UNetConfig(**config["unet"]).to_dict(), "schedule": config.get("schedule"), "timesteps": config.get("timesteps"),
-                 "prediction": config.get("prediction", "eps")}
-        wanted = {**self.unet_cfg.to_dict(), "schedule": self.cfg.schedule, "timesteps": self.cfg.timesteps,
-                  "prediction": self.cfg.prediction}
-        saved_train, flags = config.get("train", {}), asdict(self.cfg)
-        saved.update({k: saved_train[k] for k in train_keys if k in saved_train})
-        wanted.update({k: flags[k] for k in train_keys if k in saved_train})
-        return [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
-                for k in sorted(saved.keys() | wanted.keys()) if saved.get(k) != wanted.get(k)]
-
     def _check_resumable(self, path: Path, ckpt: dict) -> None:
         """Refuse to resume with flags that contradict the checkpoint, naming each difference."""
-        diffs = self._config_diffs(ckpt["config"], MUST_MATCH_ON_RESUME)
+        diffs = config_diffs(ckpt["config"], self.cfg, self.unet_cfg, MUST_MATCH_ON_RESUME)
         if diffs:
             raise ValueError(f"--resume: {path} does not match the flags ({'; '.join(diffs)}). Resume with the flags "
                              "the run was started with, or start a new run in another --out-dir.")

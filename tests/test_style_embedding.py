@@ -5,8 +5,14 @@ from PIL import Image, ImageDraw
 
 from diffusion import GaussianDiffusion
 from models.growth import add_style_embedding
-from models.text_encoder import (TextCondition, collate, concat_conditions, interpolate_conditions, null_condition,
-                                 style_weights)
+from models.text_encoder import (
+    TextCondition,
+    collate,
+    concat_conditions,
+    interpolate_conditions,
+    null_condition,
+    style_weights,
+)
 from models.unet import ConditionalUNet, UNetConfig
 from pipeline import ModelFileError, Pipeline, unet_config
 from train_config import TrainConfig

@@ -156,7 +156,7 @@ def test_init_from_refuses_a_shallower_model_of_other_widths_before_deepening_it
                                                                                   tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("deepened a model it then refuses")
-    monkeypatch.setattr("trainer.deepen", fail)
+    monkeypatch.setattr("warm_start.deepen", fail)
     with pytest.raises(ValueError, match=r"--init-from: .*base_channels: checkpoint 16, flags 8") as refused:
         Trainer(config(folder, cache_dir, tmp_path / "other", base_channels=8, num_res_blocks=2,
                        init_from=str(trained_run / "ema.safetensors")))

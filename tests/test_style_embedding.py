@@ -165,5 +165,7 @@ def test_init_from_a_model_without_style_embedding_adds_it_at_zero(styled_folder
     with torch.no_grad():
         torch.testing.assert_close(new(x, t, cond), old(x, t, cond), rtol=0, atol=0)
     warm.train()
+    shipped = Pipeline.load(tmp_path / "warm" / "run" / "ema.safetensors", "cpu", encoder=lambda prompts: None)
+    assert shipped.model.cfg.style_words == ("Noto", "OpenMoji") and shipped.model.style_embed.weight.any()
     with pytest.raises(ValueError, match=r"style_words: checkpoint \('Noto', 'OpenMoji'\), flags \(\)"):
         Trainer(styled_config(styled_folder, tmp_path / "back", init_from=str(tmp_path / "warm" / "run" / "ema.safetensors")))

@@ -24,8 +24,8 @@ class TextCondition(NamedTuple):
     # between two prompts weight the tokens only one of them has by how far along the frame is)
     mask: torch.Tensor
     pooled: torch.Tensor  # (B, 384) normalised sentence embedding, zero for the empty prompt
-    # (B, S): weight of each of a model's S style names (UNetConfig.style_words) that the prompt names, 1 if named,
-    # else 0; None for a model without a style embedding (or a batch naming none)
+    # (B, S): for each of a model's S style names (UNetConfig.style_words), 1 where the prompt names it, else 0.
+    # None where no style is given (a model without a style embedding, the empty prompt's null condition): as zeros
     style: Optional[torch.Tensor] = None
 
     def to(self, device) -> "TextCondition":

@@ -85,6 +85,14 @@ def autocast_dtype(precision: str, device: torch.device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def adamw(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at the flags' rate and decay; on CPU and CUDA PyTorch's fused kernel, which gives the same update as
+    its default (foreach) one within float rounding and runs the shipped config's step about 3x faster on the CPU
+    (7.7 against 25 ms at one thread, a few percent of a training step; `python bench/training.py`)."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=True if device.type in ("cpu", "cuda") else None)
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

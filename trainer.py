@@ -33,7 +33,7 @@ from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
 from preprocess import dataset_styles, embed_captions, load_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from sources.captions import STYLE_NAMES
-from train_config import MUST_MATCH_ON_RESUME, TrainConfig, autocast_dtype, lr_lambda
+from train_config import MUST_MATCH_ON_RESUME, TrainConfig, adamw, autocast_dtype, lr_lambda
 from warm_start import config_diffs, warm_start_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -77,7 +77,7 @@ class Trainer:
             self._init_from(cfg.init_from)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), cfg, self.device)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.sampler = DistributedSampler(self.data, self.world, self.rank, shuffle=True, seed=cfg.seed,

@@ -36,7 +36,7 @@ from common import (
     write_section,
 )
 
-from train_config import TrainConfig, autocast_dtype
+from train_config import TrainConfig, autocast_dtype, lr_lambda
 from trainer import Trainer
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
@@ -122,6 +122,11 @@ def main(argv=None) -> str:
         name = "bf16" if dtype == torch.bfloat16 else "fp32"
         data = forever(trainer.loader)
         fns[f"ours {name}"] = lambda trainer=trainer, data=data: trainer.train_step(*next(data))
+        unfused = our_trainer(args, arch, prec, out_dir)  # the same step with PyTorch's default AdamW
+        unfused.opt = torch.optim.AdamW(unfused.model.parameters(), lr=unfused.cfg.lr,
+                                       weight_decay=unfused.cfg.weight_decay, foreach=True)
+        unfused.lr_sched = torch.optim.lr_scheduler.LambdaLR(unfused.opt, lr_lambda(unfused.cfg, unfused.total_steps))
+        fns[f"unfused {name}"] = lambda trainer=unfused, data=forever(unfused.loader): trainer.train_step(*next(data))
         batches = [(images, trainer._condition(captions, torch.zeros(len(captions), dtype=torch.bool)))
                    for images, captions in itertools.islice(trainer.loader, 4)]
         fns[f"diffusers {name}"] = DiffusersStep(arch, args.size, trainer.cfg, batches, dtype)
@@ -147,10 +152,11 @@ def main(argv=None) -> str:
         achieved = flops / median(ours)
         rows.append([name, f"{args.batch / median(ours):.1f}", f"{args.batch / median(theirs):.1f}",
                      f"**{ratio_of_medians(theirs, ours):.2f}x**", f"{achieved / 1e9:.0f}",
-                     f"{achieved / peak['fp32']:.0%}", f"{achieved / peak['bf16']:.0%}"])
+                     f"{achieved / peak['fp32']:.0%}", f"{achieved / peak['bf16']:.0%}",
+                     f"{ratio_of_medians(r[f'unfused {name}'], ours):.2f}x"])
         print(rows[-1])
     header = ["precision", "ours img/s", "diffusers img/s", "ours / diffusers", "ours GFLOP/s",
-              "of fp32 peak", "of bf16 peak"]
+              "of fp32 peak", "of bf16 peak", "fused AdamW gain"]
     body = table(header, rows)
     theirs_params = n_params(next(f for k, f in fns.items() if k.startswith("diffusers")).model)
     notes = (f"Config: {arch.describe()} at {args.size}px, batch {args.batch}, data `{args.data}`, dropout 0; "
@@ -159,7 +165,9 @@ def main(argv=None) -> str:
              f"Matmul peak measured now: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} GFLOP/s bf16. "
              f"Images/s are batch / median step time over {args.reps} interleaved rounds; the ratio is the median "
              "of the per-round ratios. \"bf16\" is autocast, which `--precision auto` picks on CPUs with native bf16; "
-             "diffusers' training examples default to fp32 (`--mixed_precision no`).")
+             "diffusers' training examples default to fp32 (`--mixed_precision no`). \"fused AdamW gain\": our step "
+             "with PyTorch's default (foreach) AdamW over ours with the fused one (`train_config.adamw`), interleaved "
+             "in the same rounds.")
     print(body + "\n\n" + notes)
     if args.write:
         write_section(f"training-{args.arch}", section(f"Training throughput ({args.arch} config)", body, notes),

@@ -33,7 +33,8 @@ def browser_app(root: Path):
     """The app served from `root` (tiny model, or the shipped one with WEB_SCREENSHOT_SHIPPED=1), open in a page."""
     from playwright.sync_api import sync_playwright
     # trained on the mix, as far as the page knows: the style choice is shown
-    checkpoint = None if SHIPPED else tiny_model(root / "tiny.safetensors", dataset="mix", images=8928)
+    checkpoint = None if SHIPPED else tiny_model(root / "tiny.safetensors", dataset="mix", images=8928,
+                                                  style_words=("Noto", "OpenMoji", "EmojiOne", "clip art"))
     with web_server(checkpoint, root / "out") as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:

@@ -20,13 +20,15 @@ from tests.waits import wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_model(path: Path, **info_extra) -> Path:
+def tiny_model(path: Path, style_words: tuple[str, ...] = (), **info_extra) -> Path:
     """A small random-weight model in the shipped format: enough to exercise the app end to end."""
     torch.manual_seed(0)
     cfg = UNetConfig(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(8,), num_heads=2)
+                     attention_resolutions=(8,), num_heads=2, style_words=style_words)
     model = ConditionalUNet(cfg)
     torch.nn.init.normal_(model.out[-1].weight, std=0.02)  # zero-init output would make every frame alike
+    if model.style_embed is not None:
+        torch.nn.init.normal_(model.style_embed.weight)  # so that a style changes the pictures
     info = {"dataset": "tiny test", "image_size": 16, "steps": 0, "epochs": 0, "example_prompts": ["red apple", "sun"],
             **info_extra}
     save_weights(model.state_dict(), {"config": {"unet": cfg.to_dict(), "schedule": "cosine", "timesteps": 1000},

@@ -15,6 +15,7 @@ from models.text_encoder import (
 )
 from models.unet import ConditionalUNet, UNetConfig
 from pipeline import ModelFileError, Pipeline, unet_config
+from tests.test_growth import trained_like
 from train_config import TrainConfig
 from trainer import Trainer
 
@@ -27,16 +28,6 @@ def random_condition(prompts, words=WORDS, seed=0) -> TextCondition:
     g = torch.Generator().manual_seed(seed)
     pairs = [(torch.randn(4, 384, generator=g), torch.randn(384, generator=g)) for _ in prompts]
     return collate(pairs).with_style(prompts, words)
-
-
-def trained_like(cfg: UNetConfig, seed: int = 1) -> ConditionalUNet:
-    """Every weight random, the zero-initialised ones included, as after training."""
-    torch.manual_seed(seed)
-    model = ConditionalUNet(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2)
-    return model.eval()
 
 
 def test_style_weights_mark_the_style_words_a_prompt_names_as_whole_words_in_any_case():

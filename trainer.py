@@ -71,6 +71,8 @@ class Trainer:
         self.embeddings = self._rank_zero_first(lambda: embed_captions(captions, cache))
 
         self.unet_cfg = cfg.unet_config(self.data.channels, self._style_words())
+        if cfg.styled_captions:
+            self.data.favour_styled(cfg.styled_captions)
         self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps, cfg.prediction)
         self.model = ConditionalUNet(self.unet_cfg).to(self.device)
         if cfg.init_from and not cfg.resume:
@@ -110,11 +112,12 @@ class Trainer:
         return result
 
     def _style_words(self) -> tuple[str, ...]:
-        """The names of the styles the data's captions name, for --style-embedding."""
+        """The names of the styles the data's captions name, for --style-embedding and --styled-captions."""
         words = tuple(STYLE_NAMES[s] for s in dataset_styles(self.cfg.data))
-        if self.cfg.style_embedding and not words:
-            raise ValueError(f"--style-embedding needs data of several styles (mix, or sources joined with '+', e.g. "
-                             f"noto+openmoji); {self.cfg.data!r} names none")
+        for flag, on in (("--style-embedding", self.cfg.style_embedding), ("--styled-captions", self.cfg.styled_captions)):
+            if on and not words:
+                raise ValueError(f"{flag} needs data of several styles (mix, or sources joined with '+', e.g. "
+                                 f"noto+openmoji); {self.cfg.data!r} names none")
         return words
 
     def _default_prompts(self, n: int = 8) -> list[str]:

@@ -44,6 +44,11 @@ def styled(names, style: str, templates=STYLED_TEMPLATES) -> list[str]:
     return list(dict.fromkeys(t.format(s=s, sa=with_article(s), n=n, a=with_article(n)) for n in names for t in templates))
 
 
+def names_style(caption: str, style: str) -> bool:
+    """Whether `caption` names `style` (a STYLE_NAMES key) as a whole word, in any case: "an OpenMoji pizza"."""
+    return style in STYLE_NAMES and re.search(rf"\b{re.escape(STYLE_NAMES[style])}\b", caption, re.IGNORECASE) is not None
+
+
 def style_words(style: str) -> str:
     """The words a prompt ends with to ask for a style, as the training captions put them: ", OpenMoji style"."""
     return ", clip art" if style == "clipart" else f", {STYLE_NAMES[style]} style"

@@ -11,6 +11,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from sources.captions import names_style
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 MAX_DECODE_PIXELS = 40_000_000  # ~120 MB decoded; a bigger image (or a forged header) is skipped, not risked
 
@@ -32,6 +34,16 @@ class CaptionedImages(torch.utils.data.Dataset):
         self.styles = styles if styles is not None else [name] * len(captions)
         self.groups = groups if groups is not None else [""] * len(captions)
         assert len(self.heldout) == len(self.concepts) == len(self.styles) == len(self.groups) == len(captions)
+        self.styled_share = 0.0  # see favour_styled
+
+    def favour_styled(self, share: float) -> None:
+        """Draw a caption that names the image's style with probability `share` where the image has both kinds
+        (0: uniformly from all its captions, as before)."""
+        if not 0 <= share <= 1:
+            raise ValueError(f"the share of captions that name their style must be in [0, 1], not {share}")
+        self.styled_share = share
+        self._by_style = [([c for c in cs if names_style(c, s)], [c for c in cs if not names_style(c, s)])
+                          for cs, s in zip(self.captions, self.styles)]
 
     @classmethod
     def concat(cls, parts: list["CaptionedImages"], name: str) -> "CaptionedImages":
@@ -55,6 +67,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     def __getitem__(self, i) -> tuple[torch.Tensor, str]:
         image = self.images[i].float() / 127.5 - 1
         options = self.captions[i]
+        if self.styled_share and all(self._by_style[i]):
+            options = self._by_style[i][0 if torch.rand(()).item() < self.styled_share else 1]
         # the global torch RNG, so that torch.manual_seed (and the trainer's saved RNG state) fixes the choice
         return image, options[torch.randint(len(options), ()).item()]
 

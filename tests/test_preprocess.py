@@ -186,6 +186,23 @@ def test_caption_choice_is_uniform_and_reproducible_under_manual_seed():
     assert data[0][0].eq(-1).all()
 
 
+def test_favour_styled_draws_captions_that_name_the_pictures_style_at_the_asked_share():
+    captions = [["a dog", "OpenMoji dog", "a dog, openmoji style", "dog icon"], ["a cat"], ["Notorious cat", "a Noto cat"]]
+    data = CaptionedImages(torch.zeros(3, 3, 4, 4, dtype=torch.uint8), captions, "toy",
+                           styles=["openmoji", "openmoji", "noto"])
+    data.favour_styled(0.75)
+    torch.manual_seed(0)
+    draws = [data[0][1] for _ in range(800)]
+    assert 540 < sum(c in captions[0][1:3] for c in draws) < 660, "3/4 name the style"
+    assert {c for c in draws if c in captions[0][1:3]} == set(captions[0][1:3]), "uniform within each kind"
+    assert data[1][1] == "a cat", "a picture without a caption naming its style keeps its captions"
+    assert 255 < [data[2][1] for _ in range(400)].count("a Noto cat") < 345, "'Notorious' does not name Noto"
+    data.favour_styled(1.0)
+    assert all(data[0][1] in captions[0][1:3] for _ in range(100))
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], not -0.5"):
+        data.favour_styled(-0.5)
+
+
 # --- emoji ----------------------------------------------------------------------------------------
 
 def test_emoji_set_renders_named_glyphs_on_white(emoji_dir):

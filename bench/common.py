@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from models.cpu import native_bf16  # noqa: E402
 from models.text_encoder import TextCondition, collate  # noqa: E402
 from models.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
@@ -179,6 +180,22 @@ def machine() -> str:
             f"torch {torch.__version__}{peer}, Python {platform.python_version()}")
 
 
+# What each ISA tag means in a section's title
+ISA_LABELS = {"amx": "AMX", "amx-off": "AMX off", "avx512-bf16": "AVX512-BF16", "fp32": "no native bf16"}
+
+
+def isa_tag() -> str:
+    """The CPU's bf16 matrix units as this process may use them: "amx", "amx-off" (an AMX CPU with oneDNN capped
+    below it by ONEDNN_MAX_CPU_ISA), "avx512-bf16", or "fp32" (no native bf16). Each kind of machine writes its own
+    sections, so the tables of AMX, AMX off and AMD sit side by side instead of overwriting each other."""
+    if not native_bf16("cpu"):
+        return "fp32"
+    if not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return "avx512-bf16"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return "amx" if cap in ("", "ALL", "DEFAULT") or "AMX" in cap or cap.startswith("AVX10_2") else "amx-off"
+
+
 def command() -> str:
     args = " ".join(sys.argv[1:]).replace("--write", "").split()
     return "python " + " ".join(["bench/" + Path(sys.argv[0]).name, *args])
@@ -192,7 +209,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def section(title: str, body: str, notes: str = "") -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = (f"## {title}\n\n`{command()}`\n\nMachine: {machine()}; measured {when}, 1-minute load average "
+    text = (f"## {title}, {ISA_LABELS[isa_tag()]}\n\n`{command()}`\n\nMachine: {machine()}; measured {when}, 1-minute load average "
             f"{LOAD_AT_START:.1f} when it started.\n\n{body}\n")
     return text + (f"\n{notes.strip()}\n" if notes else "")
 
@@ -203,7 +220,8 @@ def add_output_args(p) -> None:
 
 
 def write_section(key: str, text: str, path: Path = DOC) -> None:
-    """Replace (or append) the block between <!-- bench:key --> markers of docs/benchmarks.md."""
+    """Replace (or append) the block between <!-- bench:key-ISA --> markers of docs/benchmarks.md (isa_tag)."""
+    key = f"{key}-{isa_tag()}"
     begin, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
     block = f"{begin}\n{text.strip()}\n{end}"
     doc = path.read_text() if path.exists() else "# Benchmarks\n"

@@ -7,6 +7,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402  (bench/common.py)
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,7 @@ def folder_data(tmp_path_factory):
 
 
 def check_table(doc: Path, key: str, header: str):
+    key = f"{key}-{common.isa_tag()}"
     text = doc.read_text()
     assert f"<!-- bench:{key} -->" in text and f"<!-- /bench:{key} -->" in text
     block = text.split(f"<!-- bench:{key} -->")[1].split(f"<!-- /bench:{key} -->")[0]
@@ -34,13 +36,14 @@ def test_latency(tmp_path):
     pytest.importorskip("diffusers")
     import unet_latency
     doc = tmp_path / "bench.md"
-    doc.write_text("# Benchmarks\n\nintro\n\n<!-- bench:latency-tiny -->\nold table\n<!-- /bench:latency-tiny -->\n\nmore\n")
+    key = f"latency-tiny-{common.isa_tag()}"
+    doc.write_text(f"# Benchmarks\n\nintro\n\n<!-- bench:{key} -->\nold table\n<!-- /bench:{key} -->\n\nmore\n")
     unet_latency.main(["--arch", "tiny", "--sizes", "32", "--batches", "2", "--reps", "1", "--min-time", "0",
                        "--write", "--doc", str(doc)])
     lines = check_table(doc, "latency-tiny", "px")
     assert len(lines) == 3 and lines[2].startswith("| 32 | 2 |")
     text = doc.read_text()  # its own section replaced in place, the rest kept
-    assert "old table" not in text and text.count("<!-- bench:latency-tiny -->") == 1
+    assert "old table" not in text and text.count(f"<!-- bench:{key} -->") == 1
     assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("more")
 
 
@@ -107,3 +110,19 @@ def test_every_number_in_the_benchmark_summary_comes_from_a_measured_table():
     quoted = {n for row in rows for n in re.findall(r"\d+\.\d+", row[2])}
     assert quoted, "the summary quotes measured numbers"
     assert not sorted(n for n in quoted if n not in measured), "numbers quoted without a measured table"
+
+
+@pytest.mark.parametrize("bf16, amx, cap, tag", [
+    (False, True, "", "fp32"), (True, False, "", "avx512-bf16"), (True, True, "", "amx"),
+    (True, True, "AVX512_CORE_BF16", "amx-off"), (True, True, "avx512_core_amx", "amx")])
+def test_each_cpu_kind_writes_its_own_sections(tmp_path, monkeypatch, bf16, amx, cap, tag):
+    monkeypatch.setattr(common, "native_bf16", lambda device: bf16)
+    monkeypatch.setattr(common.torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert common.isa_tag() == tag
+    doc = tmp_path / "bench.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench:x-other -->\nanother machine's table\n<!-- /bench:x-other -->\n")
+    common.write_section("x", common.section("X", "| a |\n|---|\n| 1 |"), doc)
+    text = doc.read_text()
+    assert "another machine's table" in text and f"<!-- bench:x-{tag} -->" in text
+    assert f"## X, {common.ISA_LABELS[tag]}" in text

@@ -28,8 +28,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = parser().parse_args(argv)
-    Trainer(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})).train()
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    except ValueError as error:
+        p.error(str(error))  # usage and the message, exit status 2
+    Trainer(cfg).train()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,19 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+# flag: (what it accepts, the test), for the numeric flags a typo could push outside what training means
+FLAG_RANGES = {
+    "image_size": ("at least 4", lambda v: v >= 4), "epochs": ("at least 1", lambda v: v >= 1),
+    "batch_size": ("at least 1", lambda v: v >= 1), "lr": ("positive", lambda v: v > 0),
+    "weight_decay": ("0 or more", lambda v: v >= 0), "warmup_steps": ("0 or more", lambda v: v >= 0),
+    "grad_clip": ("positive", lambda v: v > 0), "ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "p_uncond": ("in [0, 1]", lambda v: 0 <= v <= 1), "timesteps": ("at least 2", lambda v: v >= 2),
+    "min_snr_gamma": ("0 (off) or positive", lambda v: v >= 0), "cond_noise": ("0 or more", lambda v: v >= 0),
+    "styled_captions": ("in [0, 1]", lambda v: 0 <= v <= 1), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "patch_size": ("at least 1", lambda v: v >= 1), "num_heads": ("at least 1", lambda v: v >= 1),
+}
+
+
 @dataclass
 class TrainConfig:
     """Every flag of `python train.py`; saved into each checkpoint."""
@@ -60,6 +73,12 @@ class TrainConfig:
     max_minutes: float = option(0.0, 'stop, with a checkpoint, after this many minutes of this run (0: no limit)')
     num_workers: int = option(0, 'data-loader worker processes (datasets are held in memory, so 0 is usually fastest)')
     cache_dir: str = option("data", 'folder for the rendered emoji data set and cached caption embeddings')
+
+    def __post_init__(self):
+        """A flag outside its range is a clear error before any data is loaded."""
+        for name, (accepted, ok) in FLAG_RANGES.items():
+            if not ok(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {accepted}, not {getattr(self, name)}")
 
     def unet_config(self, channels: int, style_words: tuple[str, ...] = ()) -> UNetConfig:
         """The U-Net of these flags for data of `channels` whose captions name `style_words` (used with

@@ -257,3 +257,15 @@ def test_sample_command_is_deterministic_and_writes_metadata(trained_run, tmp_pa
 def test_sample_without_a_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.main(["--checkpoint", str(tmp_path / "nope.pt"), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--styled-captions", "1.5"], "--styled-captions must be in [0, 1], not 1.5"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), not 1.0"),
+    (["--lr", "-0.001"], "--lr must be positive, not -0.001")])
+def test_a_flag_out_of_its_range_is_a_usage_error_before_any_data_is_loaded(flags, message, tmp_path, capsys):
+    import train
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data", str(tmp_path / "never_read"), *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

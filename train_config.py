@@ -55,7 +55,7 @@ class TrainConfig:
     attention_resolutions: tuple[int, ...] = option((16, 8), 'feature-map sizes with self- and cross-attention, e.g. 16 8')
     num_heads: int = option(4, 'attention heads')
     patch_size: int = option(1, 'pixels per side folded into channels at the input (2: a 32px model computes on 16x16 maps, ~4x cheaper)')
-    styled_captions: float = option(0.0, 'share of training captions that name the picture\'s style, where it has such captions, e.g. 0.75 (0: drawn uniformly from all its captions; in the mix about a third name it)')
+    styled_captions: float = option(0.0, 'share of training captions that name the picture\'s style, where it has such captions, e.g. 0.75 (0: drawn uniformly from all its captions; in the mix a uniform draw names it 0.41 of the time)')
     style_embedding: bool = option(False, 'learn an embedding per style the data names (mix, or sources joined with "+"), added where a caption names it: "an OpenMoji pizza" gets OpenMoji\'s')
     dropout: float = option(0.1, 'dropout inside residual blocks')
     precision: str = option("auto", '"auto" (fp16 with gradient scaling on CUDA, bf16 on CPUs with native bf16, else fp32), "fp32", "bf16" or "fp16"')

@@ -14,4 +14,5 @@ python bench/training.py --arch matched --batch 16 --write
 python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
 python bench/memory.py --write
 python bench/web_latency.py --write                                   # web app: first preview and finished batch, shipped model
+python bench/threads.py --write                                       # web app's denoiser call beside a busy core: OpenMP default vs PASSIVE
 # on an Intel Xeon with AMX, bench/amx_pair.sh writes the throughput tables with AMX on and off

@@ -98,6 +98,19 @@ def test_web_latency(tmp_path):
     assert len(lines) == 3 and 0 < first <= total
 
 
+def test_threads(tmp_path):
+    import threads
+
+    from tests.webserver import tiny_model
+    doc = tmp_path / "bench.md"
+    ckpt = tiny_model(tmp_path / "tiny.safetensors")
+    threads.main(["--checkpoint", str(ckpt), "--batch", "2", "--calls", "2", "--rounds", "1", "--busy", "1",
+                  "--write", "--doc", str(doc)])
+    lines = check_table(doc, "threads", "other cores")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["idle", "1 busy process"]
+    assert all(float(ms) > 0 for line in lines[2:] for ms in line.split("|")[2:4])
+
+
 def test_every_number_in_the_benchmark_summary_comes_from_a_measured_table():
     """The summary quotes results; each number in its result column must appear in a table written by a
     command (a bench section of benchmarks.md, or an evaluate.py output in docs/evaluation*.md)."""

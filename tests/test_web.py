@@ -117,6 +117,23 @@ def test_without_a_model_web_py_says_so_instead_of_crashing(tmp_path):
     assert out.returncode != 0 and "cannot load a model" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_server_waits_for_its_threads_passively_unless_told_otherwise(given, expected):
+    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: web.py must set it before, and keep a user's value."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
+    probe = ("import builtins, os\nseen, real = [], builtins.__import__\n"  # the value at the first `import torch`
+             "def spy(name, *args, **kwargs):\n"
+             "    if name == 'torch' and not seen:\n        seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+             "    return real(name, *args, **kwargs)\n"
+             "builtins.__import__ = spy\nimport web\nprint(seen[0], os.environ['OMP_WAIT_POLICY'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=str(tiny_model.__globals__["REPO"]))
+    assert out.returncode == 0 and out.stdout.split() == [expected, expected], out.stderr[-2000:]
+
+
 def test_markup_in_the_prompt_is_shown_as_text_in_every_status_line(client):
     prompt = "<img src=x onerror=\"document.title='XSS'\"> red apple"
     job = client.submit(prompt, 1, 2, "dpmpp", 3.0, 0, api_name="/generate")

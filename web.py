@@ -22,10 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
-# A server shares its cores: with another busy process on one of them, OpenMP threads that spin at every op's
-# barrier wait for a thread that has no core, and a denoiser call ran 4x to 75x slower (bench/threads.py). Passive
-# waiting costs about 15% on an idle machine. Read once, when torch loads OpenMP, so it is set before the import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# It shares its cores: beside a busy torch process, OpenMP's spin-waits made a denoiser call 2x slower
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (bench/threads.py); read when torch loads
 
 import gradio as gr
 import torch

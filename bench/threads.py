@@ -3,8 +3,9 @@ OMP_WAIT_POLICY=PASSIVE, which web.py sets unless the user has set it.
 
 Each setting runs in its own child process (OpenMP reads the variable when torch loads it), with torch's default
 thread count, on the shipped model at the web app's 4-image batch (8 rows: the conditional and unconditional
-halves of guidance), idle and beside `--busy` pure-Python busy loops (default: one per core but one). The rounds
-interleave the settings; medians.
+halves of guidance), idle and beside `--busy` one-thread torch processes that multiply matrices without pause, as
+a training run with OMP_NUM_THREADS=1 would (default: one per core but one). The rounds interleave the settings;
+medians.
 
     python bench/threads.py                     # shipped model, batch 8
 """
@@ -18,6 +19,7 @@ import time
 from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
 
 POLICIES = {"OpenMP default": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}
+BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a"
 
 
 def child(checkpoint, batch: int, calls: int) -> None:
@@ -50,8 +52,9 @@ def timed(policy, args) -> float:
 
 
 def measure(args, busy: int) -> list[float]:
-    """Median ms per setting with `busy` busy-loop processes running."""
-    loads = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    """Median ms per setting with `busy` busy torch processes running."""
+    loads = [subprocess.Popen([sys.executable, "-c", BUSY], env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(busy)]
     try:
         runs = {name: [] for name in POLICIES}
         for _ in range(args.rounds):
@@ -78,7 +81,7 @@ def main(argv=None) -> str:
         child(args.checkpoint, args.batch, args.calls)
         return ""
     rows = []
-    for label, busy in (("idle", 0), (f"{args.busy} busy process{'es' * (args.busy > 1)}", args.busy)):
+    for label, busy in (("idle", 0), (f"{args.busy} busy torch process{'es' * (args.busy > 1)}", args.busy)):
         default_ms, passive_ms = measure(args, busy)
         rows.append([label, f"{default_ms:.1f}", f"{passive_ms:.1f}", f"**{default_ms / passive_ms:.2f}x**"])
         print(rows[-1])

@@ -107,7 +107,7 @@ def test_threads(tmp_path):
     threads.main(["--checkpoint", str(ckpt), "--batch", "2", "--calls", "2", "--rounds", "1", "--busy", "1",
                   "--write", "--doc", str(doc)])
     lines = check_table(doc, "threads", "other cores")
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["idle", "1 busy process"]
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["idle", "1 busy torch process"]
     assert all(float(ms) > 0 for line in lines[2:] for ms in line.split("|")[2:4])
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
+from common import add_output_args, random_condition, section, table, write_section  # (sets sys.path, HF offline)
 
 POLICIES = {"OpenMP default": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a"
@@ -26,12 +26,11 @@ def child(checkpoint, batch: int, calls: int) -> None:
     """Print the median milliseconds of one denoiser call (after warm-up calls)."""
     import torch
 
-    from models.text_encoder import TextCondition
     from pipeline import load_model
     model, _, _ = load_model(checkpoint)
     size = model.cfg.image_size
     x, t = torch.randn(batch, model.cfg.in_channels, size, size), torch.randint(0, 1000, (batch,))
-    cond = TextCondition(torch.randn(batch, 8, 384), torch.ones(batch, 8, dtype=torch.bool), torch.randn(batch, 384))
+    cond = random_condition(batch)
     times = []
     with torch.inference_mode():
         for _ in range(calls + 3):

@@ -46,6 +46,9 @@ def save_png(img: Image.Image, path, metadata: dict | None = None) -> None:
 
 def save_gif(frames: list[Image.Image], path, frame_ms: int = 80, hold_last_ms: int = 1500) -> None:
     """Animated GIF that loops, pausing on the final frame. (Pillow merges identical consecutive frames.)"""
+    # a palette per frame by fast octree: Pillow's default (median cut) looks the same on these pictures and takes
+    # about 9x as long, which the web app paid after every batch's last step
+    frames = [f.quantize(method=Image.Quantize.FASTOCTREE) if f.mode == "RGB" else f for f in frames]
     durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False)
 

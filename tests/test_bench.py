@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,14 +56,25 @@ def test_generation(tmp_path, text_encoder):
     check_table(doc, "generation-shipped", "images")
 
 
-def test_training(tmp_path, folder_data):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_training(tmp_path, folder_data, monkeypatch, native_bf16):
     pytest.importorskip("diffusers")
     import training
+    probed = []
+
+    def small_peak(dtype, seconds):  # the real probe, at a size that is quick even where bf16 is emulated
+        probed.append(dtype)
+        return common.matmul_peak(dtype, n=256, seconds=seconds)
+    monkeypatch.setattr(training, "matmul_peak", small_peak)
+    monkeypatch.setattr(training, "native_bf16", lambda device: native_bf16)
     doc = tmp_path / "bench.md"
     training.main(["--arch", "tiny", "--data", str(folder_data), "--cache-dir", str(tmp_path), "--batch", "4",
                    "--precisions", "fp32", "--reps", "1", "--peak-seconds", "0.1", "--write", "--doc", str(doc)])
     lines = check_table(doc, "training-tiny", "precision")
     assert lines[2].startswith("| fp32 |")
+    # without native bf16 its peak is not probed (emulated: minutes) and its column says so
+    assert probed == ([torch.float32, torch.bfloat16] if native_bf16 else [torch.float32])
+    assert (lines[2].split(" | ")[6] == "n/a") != native_bf16
 
 
 def test_layout(tmp_path, folder_data):

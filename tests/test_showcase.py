@@ -1,6 +1,8 @@
 """`python showcase.py` redraws the showcase from a model file alone (plus its data set)."""
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageSequence
 
+from plot_func import save_gif
 from showcase import main, slug
 from tests.test_training import make_folder
 from tests.webserver import tiny_model
@@ -8,6 +10,18 @@ from tests.webserver import tiny_model
 
 def test_slug_makes_prompts_safe_file_names():
     assert slug("Red apple!") == "red_apple" and slug("../../etc/passwd") == "etc_passwd" and slug("???") == "prompt"
+
+
+def test_a_gif_keeps_every_frame_its_colours_and_its_timing(tmp_path):
+    rng = np.random.default_rng(0)  # frames of thousands of colours, as previews have: each needs its own palette
+    frames = [Image.fromarray(np.kron(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+                                      np.ones((8, 8, 1), dtype=np.uint8))) for _ in range(5)]
+    save_gif(frames, tmp_path / "a.gif", frame_ms=80, hold_last_ms=1500)
+    with Image.open(tmp_path / "a.gif") as gif:
+        read = [(np.asarray(f.convert("RGB"), dtype=float), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
+    assert [ms for _, ms in read] == [80, 80, 80, 80, 1500]
+    for frame, (back, _) in zip(frames, read):
+        assert np.abs(back - np.asarray(frame, dtype=float)).mean() < 12  # 256 colours of 576: close, not exact
 
 
 def test_showcase_writes_every_figure_from_the_model_file(tmp_path):

@@ -33,9 +33,11 @@ def check_table(doc: Path, key: str, header: str):
     return lines
 
 
-def test_latency(tmp_path):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_latency(tmp_path, monkeypatch, native_bf16):
     pytest.importorskip("diffusers")
     import unet_latency
+    monkeypatch.setattr(unet_latency, "native_bf16", lambda device: native_bf16)
     doc = tmp_path / "bench.md"
     key = f"latency-tiny-{common.isa_tag()}"
     doc.write_text(f"# Benchmarks\n\nintro\n\n<!-- bench:{key} -->\nold table\n<!-- /bench:{key} -->\n\nmore\n")
@@ -43,17 +45,23 @@ def test_latency(tmp_path):
                        "--write", "--doc", str(doc)])
     lines = check_table(doc, "latency-tiny", "px")
     assert len(lines) == 3 and lines[2].startswith("| 32 | 2 |")
+    cells = lines[2].strip("| ").split(" | ")  # bf16 runs only where it is native; else its cells say so
+    assert [c == "n/a" for c in cells[5:8]] == [not native_bf16] * 3 and cells[8] != "n/a"
     text = doc.read_text()  # its own section replaced in place, the rest kept
     assert "old table" not in text and text.count(f"<!-- bench:{key} -->") == 1
     assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("more")
 
 
-def test_generation(tmp_path, text_encoder):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_generation(tmp_path, text_encoder, monkeypatch, native_bf16):
     pytest.importorskip("diffusers")
     import generation
+    monkeypatch.setattr(generation, "native_bf16", lambda device: native_bf16)
     doc = tmp_path / "bench.md"
     generation.main(["--arch", "shipped", "--n", "1", "--steps", "2", "--reps", "1", "--write", "--doc", str(doc)])
-    check_table(doc, "generation-shipped", "images")
+    lines = check_table(doc, "generation-shipped", "images")
+    cells = lines[2].strip("| ").split(" | ")  # images, ours, diffusers fp32, diffusers bf16, the two ratios
+    assert [c == "n/a" for c in cells[1:]] == [False, False, not native_bf16, False, not native_bf16]
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])

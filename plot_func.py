@@ -44,10 +44,18 @@ def save_png(img: Image.Image, path, metadata: dict | None = None) -> None:
     img.save(path, pnginfo=info)
 
 
-def save_gif(frames: list[Image.Image], path, frame_ms: int = 80, hold_last_ms: int = 1500) -> None:
-    """Animated GIF that loops, pausing on the final frame. (Pillow merges identical consecutive frames.)"""
+GIF_FRAME_MS, GIF_HOLD_LAST_MS = 80, 1500  # each frame's time on screen, and the pause on the last one
+
+
+def save_gif(frames: list[Image.Image], path, frame_ms: int = GIF_FRAME_MS,
+             hold_last_ms: int = GIF_HOLD_LAST_MS) -> None:
+    """Animated GIF that loops, pausing on the final frame.
+
+    Pillow merges consecutive frames that come out identical (their times add up), so a GIF may hold fewer
+    frames than it was given but always plays them for as long: read one by its timeline, not its frame count.
+    """
     # a palette per frame by fast octree: Pillow's default (median cut) looks the same on these pictures and takes
-    # about 9x as long, which the web app paid after every batch's last step
+    # several times as long, which the web app paid after every batch's last step
     frames = [f.quantize(method=Image.Quantize.FASTOCTREE) if f.mode == "RGB" else f for f in frames]
     durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False)

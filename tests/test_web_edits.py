@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from plot_func import save_png
 from sources.images import fit_image
+from tests import gifs
 from tests.test_web_faults import JUNK, TEXT
 from tests.webserver import REPO, assert_stopped_early, start_server, tiny_model
 from web import Studio
@@ -115,8 +116,8 @@ def test_inpainting_keeps_the_unpainted_pixels_exactly_and_redraws_the_painted_o
 def test_a_morph_runs_from_one_prompt_to_the_other_and_its_gif_goes_there_and_back(client):
     gallery, gif, _, status = client.predict("sun", "red apple", 4, 3, "dpmpp", 3.0, 7, "", api_name="/morph")
     assert len(gallery) == 4 and status.startswith("Done: 4 frames from “sun” to “red apple”, seed 7")
-    with Image.open(gif) as g:
-        assert g.n_frames == 6  # 4 frames, then 2 back to the first
+    morph = [np.asarray(Image.open(item["image"]).convert("RGB")) for item in gallery]
+    assert gifs.plays(gif, morph + morph[-2:0:-1])  # 4 frames, then 2 back to the first
     alone = [client.predict(p, 1, 3, "dpmpp", 3.0, 7, "", api_name="/generate")[0][0] for p in ("sun", "red apple")]
     assert np.array_equal(native(gallery[0]), native(alone[0]))
     assert np.array_equal(native(gallery[-1]), native(alone[1]))

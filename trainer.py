@@ -26,6 +26,7 @@ from checkpoints import (
 )
 from diffusion import GaussianDiffusion
 from guidance import DEFAULT_GUIDANCE
+from models.cpu import training_memory_format
 from models.text_encoder import TextEncoder, collate
 from models.unet import ConditionalUNet
 from pipeline import generate_images, pick_device
@@ -33,7 +34,14 @@ from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
 from preprocess import dataset_styles, embed_captions, load_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from sources.captions import STYLE_NAMES
-from train_config import MUST_MATCH_ON_RESUME, TrainConfig, adamw, autocast_dtype, lr_lambda
+from train_config import (
+    MUST_MATCH_ON_RESUME,
+    TrainConfig,
+    adamw,
+    autocast_dtype,
+    lr_lambda,
+    state_in_parameter_layouts,
+)
 from warm_start import config_diffs, warm_start_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,13 +82,15 @@ class Trainer:
         if cfg.styled_captions:
             self.data.favour_styled(cfg.styled_captions)
         self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps, cfg.prediction)
-        self.model = ConditionalUNet(self.unet_cfg).to(self.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        # channels_last where that trains faster (bf16 with AMX); the EMA copy below inherits the layout
+        layout = training_memory_format(self.device, self.amp_dtype)
+        self.model = ConditionalUNet(self.unet_cfg).to(self.device, memory_format=layout)
         if cfg.init_from and not cfg.resume:
             self._init_from(cfg.init_from)
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.opt = adamw(self.model.parameters(), cfg, self.device)
-        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.sampler = DistributedSampler(self.data, self.world, self.rank, shuffle=True, seed=cfg.seed,
                                           drop_last=len(self.data) >= cfg.batch_size * self.world)
@@ -373,6 +383,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["optimizer"])
+        state_in_parameter_layouts(self.opt)  # the checkpoint may come from a machine that trained in the other layout
         if ckpt["scaler"]:  # empty when saved without fp16 gradient scaling: a resumed fp16 run starts a fresh scale
             self.scaler.load_state_dict(ckpt["scaler"])
         self.lr_sched.load_state_dict(ckpt["lr_scheduler"])

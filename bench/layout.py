@@ -22,19 +22,19 @@ from common import autocast, interleaved, median, our_unet, random_condition, se
 from torch import nn
 from training import ARCHS, forever, our_trainer, training_arguments
 
-from models.cpu import native_bf16, sampling_memory_format
-from models.modules import GroupNorm
+from models.cpu import native_bf16, sampling_memory_format, training_memory_format
+from models.modules import CHANNELS_LAST_GROUP_NORM_MIN_PIXELS, GroupNorm
 
 CL = torch.channels_last
 SAMPLING_BATCHES = (8, 32)  # the web app's 4 images under guidance; a batch of evaluate.py's size
 
 
-def to_channels_last(trainer, pytorch_group_norm: bool) -> None:
-    """The trainer's model and its EMA copy in channels_last (a mixed-layout EMA update would be slow), with
-    PyTorch's own GroupNorm kernel if asked (the class swapped in place: the parameters stay the same objects,
-    so the optimizer and its schedule keep working on them)."""
+def to_layout(trainer, layout, pytorch_group_norm: bool = False) -> None:
+    """The trainer's model and its EMA copy in `layout` (a mixed-layout EMA update would be slow), with PyTorch's
+    own GroupNorm kernel if asked (the class swapped in place: the parameters stay the same objects, so the
+    optimizer and its schedule keep working on them). Before the first step: the optimizer's state is made then."""
     for model in (trainer.model, trainer.ema.module):
-        model.to(memory_format=CL)
+        model.to(memory_format=layout)
         for m in model.modules():
             if pytorch_group_norm and isinstance(m, GroupNorm):
                 m.__class__ = nn.GroupNorm
@@ -72,11 +72,29 @@ def group_norm_shapes(trainer, images, captions) -> list[tuple]:
     return sorted(set(shapes))
 
 
-def group_norm_step(shape, groups, dtype, layout):
+def group_norm_step(shape, groups, dtype, layout, norm=None):
+    """Forward + backward of F.group_norm, or of the model's GroupNorm module if given."""
     x = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
     w, b = torch.ones(shape[1], requires_grad=True), torch.zeros(shape[1], requires_grad=True)
     grad = torch.randn(shape, dtype=dtype).contiguous(memory_format=layout)
-    return lambda: F.group_norm(x, groups, w, b).backward(grad)
+    return lambda: (norm(x) if norm else F.group_norm(x, groups, w, b)).backward(grad)
+
+
+def inference_group_norm_rows(dtype, channels=128, batch=16) -> list[list[str]]:
+    """GroupNorm without gradient on a channels_last input, per feature-map size: PyTorch's channels_last kernel
+    against the NCHW kernel on an NCHW copy (what models.modules.GroupNorm picks by CHANNELS_LAST_GROUP_NORM_MIN_PIXELS)."""
+    rows = []
+    for side in (8, 16, 32, 64):
+        x = torch.randn(batch, channels, side, side, dtype=dtype).contiguous(memory_format=CL)
+        w, b = torch.ones(channels), torch.zeros(channels)
+        ways = {"kernel": lambda: F.group_norm(x, 32, w, b),
+                "copy": lambda: F.group_norm(x.contiguous(), 32, w, b).contiguous(memory_format=CL)}
+        with torch.inference_mode():
+            t = interleaved(ways, 5, warmup=1, min_time=0.02)
+        pick = "kernel" if side * side >= CHANNELS_LAST_GROUP_NORM_MIN_PIXELS else "copy"
+        rows.append([f"{batch}x{channels}x{side}x{side}", f"{median(t['kernel']) * 1000:.2f}",
+                     f"{median(t['copy']) * 1000:.2f}", {"kernel": "channels_last kernel", "copy": "via NCHW"}[pick]])
+    return rows
 
 
 def main(argv=None) -> str:
@@ -84,22 +102,24 @@ def main(argv=None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = tempfile.mkdtemp(prefix="bench_layout_")
-    variants = {"NCHW": None, "channels_last, PyTorch's GroupNorm": True, "channels_last, GroupNorm via NCHW": False}
+    variants = {"NCHW": (torch.contiguous_format, False), "channels_last, PyTorch's GroupNorm": (CL, True),
+                "channels_last, the model's GroupNorm": (CL, False)}
     fns, trainers = {}, {}
-    for name, pytorch_group_norm in variants.items():
+    for name, (layout, pytorch_group_norm) in variants.items():
         torch.manual_seed(0)
         trainer = trainers[name] = our_trainer(args, ARCHS[args.arch], "auto", out_dir)
-        if pytorch_group_norm is not None:
-            to_channels_last(trainer, pytorch_group_norm)
+        to_layout(trainer, layout, pytorch_group_norm)
+    picked = training_memory_format("cpu", trainers["NCHW"].amp_dtype)
     batches = list(itertools.islice(forever(trainers["NCHW"].loader), 4))
     for name, trainer in trainers.items():
         data = itertools.cycle(batches)
         fns[name] = lambda trainer=trainer, data=data: trainer.train_step(*next(data))
     steps = interleaved(fns, args.reps, warmup=1)
     base = median(steps["NCHW"])
-    rows = [[name, f"{median(t) * 1000:.0f}", f"{args.batch / median(t):.1f}", f"**{base / median(t):.2f}x**"]
-            for name, t in steps.items()]
-    body = table(["training step layout", "step ms", "img/s", "speed vs NCHW"], rows)
+    picked_name = "NCHW" if picked == torch.contiguous_format else "channels_last, the model's GroupNorm"
+    rows = [[name, f"{median(t) * 1000:.0f}", f"{args.batch / median(t):.1f}", f"**{base / median(t):.2f}x**",
+             "yes" if name == picked_name else ""] for name, t in steps.items()]
+    body = table(["training step layout", "step ms", "img/s", "speed vs NCHW", "picked here"], rows)
     sampling = table(["sampling batch", "NCHW ms", "channels_last ms", "channels_last speed", "picked here"],
                      sampling_rows(args))
     body += f"\n\nThe sampler's network call (inference, the sampler's precision; the model's GroupNorm):\n\n{sampling}"
@@ -110,14 +130,21 @@ def main(argv=None) -> str:
         kernels = {f"{str(d).removeprefix('torch.')} {lay}": group_norm_step(shape, groups, d, layout)
                    for d in dict.fromkeys([dtype, torch.float32])
                    for lay, layout in (("NCHW", torch.contiguous_format), ("channels_last", CL))}
+        model_norm = GroupNorm(groups, shape[1])
+        kernels[f"{str(dtype).removeprefix('torch.')} channels_last, the model's GroupNorm"] = group_norm_step(
+            shape, groups, dtype, CL, model_norm)
         t = interleaved(kernels, args.reps, warmup=1, min_time=0.02)
         gn_rows.append(["x".join(map(str, shape)), *(f"{median(v) * 1000:.2f}" for v in t.values())])
     gn_body = table(["GroupNorm input", *(f"{k} ms" for k in kernels)], gn_rows)
     body = f"{body}\n\nGroupNorm forward + backward at the model's shapes (32 groups or fewer):\n\n{gn_body}"
+    inference = table([f"{str(dtype).removeprefix('torch.')} channels_last input", "channels_last kernel ms",
+                       "via NCHW ms", "the model's GroupNorm takes"], inference_group_norm_rows(dtype))
+    body += f"\n\nGroupNorm without gradient (sampling), 32 groups:\n\n{inference}"
     notes = (f"Config: {ARCHS[args.arch].describe()} at {args.size}px, batch {args.batch}, data `{args.data}`, "
              "the train command's default precision (bf16 autocast on CPUs with native bf16); a full optimizer step "
              f"(`Trainer.train_step`), medians of {args.reps} interleaved rounds. \"picked here\": the layout "
-             "`Pipeline.load` puts a model in on this CPU (`models.cpu.sampling_memory_format`).")
+             "`Trainer` trains in on this CPU (`models.cpu.training_memory_format`) and `Pipeline.load` samples in "
+             "(`models.cpu.sampling_memory_format`).")
     print(body + "\n\n" + notes)
     if args.write:
         write_section(f"layout-{args.arch}", section(f"Memory layout: the training step and the sampling call ({args.arch} config)",

@@ -18,17 +18,37 @@ def native_bf16(device) -> bool:
     return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in ISAS_WITHOUT_BF16
 
 
+def _isa_cap() -> str:
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+
+
+def amx(device) -> bool:
+    """True on CPUs with AMX tile units that oneDNN may use (unless ONEDNN_MAX_CPU_ISA caps it below an AMX ISA,
+    e.g. AVX512_CORE_BF16): there bf16 convolutions in channels_last run 2-4x their NCHW speed."""
+    if not native_bf16(device) or not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return False
+    return _isa_cap() in ("", "ALL", "DEFAULT") or "AMX" in _isa_cap()
+
+
 # Largest feature map (image size / patch size) at which channels_last sampling was measured faster on AVX512-BF16
-# (bench/layout.py: 16x16 1.12-1.21x, 32x32 1.06-1.07x; 64x64 0.92-1.00x, i.e. slower): beyond it, NCHW.
+# without AMX (bench/layout.py: 16x16 1.12-1.21x, 32x32 1.06-1.07x; 64x64 0.92-1.00x, i.e. slower): beyond it,
+# NCHW. With AMX channels_last is faster at every size measured (64x64 1.27x).
 CHANNELS_LAST_MAX_MAP = 32
 
 
 def sampling_memory_format(device, feature_map: int) -> torch.memory_format:
-    """channels_last where sampling runs in bf16 on the CPU (native bf16) and the model computes on feature maps of
-    at most CHANNELS_LAST_MAX_MAP pixels a side, else NCHW. oneDNN's bf16 convolutions are faster in channels_last
-    (up to 2x on AVX512-BF16, several times with AMX) and the U-Net keeps the layout (models.modules.GroupNorm
-    converts around PyTorch's slow channels_last kernel); on larger maps the conversions cost more than that gains.
-    A rule, not a timing probe, so that a seed draws the same images in every process on one machine. Training
-    stays NCHW: its backward pays the conversions twice (`python bench/layout.py` measures all of it)."""
-    fast = native_bf16(device) and feature_map <= CHANNELS_LAST_MAX_MAP
+    """channels_last where sampling runs in bf16 on the CPU (native bf16), on AMX at any size, on AVX512-BF16 on
+    feature maps of at most CHANNELS_LAST_MAX_MAP pixels a side; else NCHW. oneDNN's bf16 convolutions are faster
+    in channels_last (up to 2x on AVX512-BF16, several times with AMX) and the U-Net keeps the layout
+    (models.modules.GroupNorm avoids PyTorch's slow channels_last kernels); without AMX, on larger maps the
+    conversions cost more than that gains. A rule, not a timing probe, so that a seed draws the same images in
+    every process on one machine (`python bench/layout.py` measures all of it)."""
+    fast = native_bf16(device) and (amx(device) or feature_map <= CHANNELS_LAST_MAX_MAP)
     return torch.channels_last if fast else torch.contiguous_format
+
+
+def training_memory_format(device, dtype) -> torch.memory_format:
+    """channels_last for bf16 training on CPUs with AMX, else NCHW. A training step also pays each GroupNorm's
+    layout conversions in the backward pass: with AMX's bf16 convolutions the faster convolutions outweigh that;
+    on AVX512-BF16 alone they do not (`python bench/layout.py`). `dtype`: the step's autocast dtype (None: fp32)."""
+    return torch.channels_last if dtype == torch.bfloat16 and amx(device) else torch.contiguous_format

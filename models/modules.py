@@ -6,15 +6,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Relayout(torch.autograd.Function):
+    """x in `layout`, its gradient back in the layout x came in: a plain .contiguous() hands the gradient back
+    in the new layout, and every op behind it then converts again or adds tensors of mixed layouts (slow)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+        ctx.back = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+        return x.contiguous(memory_format=layout)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.contiguous(memory_format=ctx.back), None
+
+
+# Feature maps of at least this many pixels are normalized by PyTorch's own channels_last GroupNorm kernel when
+# no gradient is needed: its forward is as fast as the NCHW one there, and a relayout copy costs 4-8x the
+# kernel. On smaller maps, and in every backward pass, the channels_last kernel is 2-10x slower than the
+# relayout (`python bench/layout.py`, GroupNorm tables).
+CHANNELS_LAST_GROUP_NORM_MIN_PIXELS = 32 * 32
+
+
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm that hands a channels_last input back in channels_last, running PyTorch's NCHW kernel on an
-    NCHW copy: its channels_last kernel is 5-20x slower in bf16 (`bench/layout.py`), and the rest of the U-Net
-    (convolutions, SiLU, residual adds, the attention's token views) keeps whichever layout it is given."""
+    """nn.GroupNorm that hands a channels_last input back in channels_last. Where PyTorch's channels_last kernel is
+    slow (small maps; any backward pass) it runs the NCHW kernel on an NCHW copy, the gradient going back the same
+    way, so that the rest of the U-Net (convolutions, SiLU, residual adds, the attention's token views) keeps
+    whichever layout it is given, forward and backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x)
-        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not needs_grad and x.shape[2] * x.shape[3] >= CHANNELS_LAST_GROUP_NORM_MIN_PIXELS:
+            return super().forward(x)
+        y = super().forward(_Relayout.apply(x, torch.contiguous_format))
+        return _Relayout.apply(y, torch.channels_last)
 
 
 def group_norm(channels: int) -> GroupNorm:

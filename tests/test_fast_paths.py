@@ -1,4 +1,6 @@
 """The speed paths (bf16 attention on CPU, bf16 sampling, the channels_last layout) compute the same thing as the plain ones."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ import diffusion as D
 import samplers as S
 from checkpoints import save_weights
 from guidance import guided_denoiser
-from models import cpu
+from models import cpu, modules
 from models.cpu import native_bf16
 from models.modules import GroupNorm, attention, group_norm
 from models.text_encoder import null_condition
@@ -15,7 +17,7 @@ from models.unet import ConditionalUNet, UNetConfig
 from pipeline import generate_images, load_model
 from tests.gaussian_oracle import MU, marginal_cov
 from tests.test_unet import TINY, random_condition, trained_like
-from train_config import TrainConfig, adamw, autocast_dtype
+from train_config import TrainConfig, adamw, autocast_dtype, state_in_parameter_layouts
 
 
 @pytest.mark.parametrize("keys", [64, 13])
@@ -134,11 +136,53 @@ def test_group_norm_hands_channels_last_back_in_channels_last_with_the_nchw_resu
         xl = x.clone(memory_format=layout).requires_grad_()
         y = norm(xl)
         y.backward(grad.contiguous(memory_format=layout))
-        assert y.is_contiguous(memory_format=layout)
+        assert y.is_contiguous(memory_format=layout) and xl.grad.is_contiguous(memory_format=layout)
         results.append((y.detach().float(), xl.grad.float(), norm.weight.grad.clone()))
         norm.zero_grad()
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("side,grad,copies", [(32, False, False), (16, False, True), (32, True, True)])
+def test_group_norm_copies_a_channels_last_input_to_nchw_exactly_where_its_kernel_is_slow(side, grad, copies,
+                                                                                         monkeypatch):
+    # PyTorch's channels_last kernel: used without gradient on maps of CHANNELS_LAST_GROUP_NORM_MIN_PIXELS or more
+    assert side * side >= modules.CHANNELS_LAST_GROUP_NORM_MIN_PIXELS or copies
+    norm = group_norm(64).bfloat16()
+    x = torch.randn(2, 64, side, side, dtype=torch.bfloat16)
+    expected = norm(x).detach()
+    relayouts = []
+    real = modules._Relayout.apply
+    monkeypatch.setattr(modules._Relayout, "apply", lambda *a: relayouts.append(1) or real(*a))
+    with torch.set_grad_enabled(grad):
+        y = norm(x.contiguous(memory_format=CL))
+    assert bool(relayouts) is copies and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.detach().float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_state_in_parameter_layouts_lets_the_fused_adamw_resume_in_the_other_layout():
+    # the fused kernel silently updates a parameter wrongly where its loaded state has another memory layout
+    torch.manual_seed(0)
+    grads = [torch.randn(8, 4, 3, 3) for _ in range(2)]
+    saved = torch.nn.Parameter(torch.randn(8, 4, 3, 3).contiguous(memory_format=CL))
+    saved.grad = grads[0].contiguous(memory_format=CL)
+    saved_opt = torch.optim.AdamW([saved], lr=0.1, fused=True)
+    saved_opt.step()
+    resumed = {}
+    for fix in (False, True):
+        param = torch.nn.Parameter(saved.detach().contiguous())
+        opt = torch.optim.AdamW([param], lr=0.1, fused=True)
+        opt.load_state_dict(copy.deepcopy(saved_opt.state_dict()))  # as from a file: no tensor shared
+        if fix:
+            state_in_parameter_layouts(opt)
+            assert all(v.stride() == param.stride() for v in opt.state[param].values() if v.dim())
+        param.grad = grads[1].clone()
+        opt.step()
+        resumed[fix] = param.detach()
+    saved.grad = grads[1].contiguous(memory_format=CL)
+    saved_opt.step()
+    torch.testing.assert_close(resumed[True], saved.detach(), rtol=1e-6, atol=1e-6)
+    assert (resumed[False] - saved.detach()).abs().max() > 1e-3, "the reference no longer shows the fault"
 
 
 def test_the_unet_computes_the_same_function_in_channels_last_and_keeps_that_layout_inside():
@@ -174,12 +218,36 @@ def test_every_sampler_draws_the_same_images_with_the_model_in_either_layout(sam
     assert diff.mean() < 1e-4 and diff.max() < 0.02, (diff.mean(), diff.max())
 
 
-@pytest.mark.parametrize("native,image_size,patch_size,fast", [(True, 32, 1, True), (True, 32, 2, True),
-                                                              (True, 64, 1, False), (False, 32, 1, False)])
-def test_a_loaded_model_samples_in_channels_last_exactly_where_that_was_measured_faster(native, image_size, patch_size,
-                                                                                        fast, monkeypatch, tmp_path):
-    # channels_last with native bf16 on maps up to CHANNELS_LAST_MAX_MAP a side; NCHW without bf16 or on larger maps
+@pytest.mark.parametrize("has_amx,isa,expected", [(True, None, True), (True, "AVX512_CORE_AMX", True),
+                                                   (True, "avx10_1_512_amx_fp16", True), (True, "ALL", True),
+                                                   (True, "AVX512_CORE_BF16", False), (True, "AVX2", False),
+                                                   (False, None, False)])
+def test_amx_follows_the_cpu_and_the_isa_onednn_may_use(has_amx, isa, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert cpu.amx("cpu") is expected and cpu.amx("meta") is False
+
+
+@pytest.mark.parametrize("has_amx,dtype,layout", [(True, torch.bfloat16, CL), (True, None, torch.contiguous_format),
+                                                  (False, torch.bfloat16, torch.contiguous_format)])
+def test_training_runs_in_channels_last_exactly_for_bf16_with_amx(has_amx, dtype, layout, monkeypatch):
+    monkeypatch.setattr(cpu, "amx", lambda device: has_amx)
+    assert cpu.training_memory_format("cpu", dtype) == layout
+
+
+@pytest.mark.parametrize("native,has_amx,image_size,patch_size,fast", [
+    (True, False, 32, 1, True), (True, False, 32, 2, True), (True, False, 64, 1, False), (True, True, 64, 1, True),
+    (False, False, 32, 1, False)])
+def test_a_loaded_model_samples_in_channels_last_exactly_where_that_was_measured_faster(native, has_amx, image_size,
+                                                                                        patch_size, fast, monkeypatch,
+                                                                                        tmp_path):
+    # channels_last with native bf16: with AMX on any map, else on maps up to CHANNELS_LAST_MAX_MAP a side
     monkeypatch.setattr(cpu, "native_bf16", lambda device: native)
+    monkeypatch.setattr(cpu, "amx", lambda device: has_amx)
     feature_map = image_size // patch_size
     assert cpu.sampling_memory_format("cpu", feature_map) == (CL if fast else torch.contiguous_format)
     path = tmp_path / "model.safetensors"

@@ -110,6 +110,29 @@ def test_resume_from_a_mid_epoch_stop_is_exact(folder, cache_dir, tmp_path):
     assert_same_training_state(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
 
 
+def test_training_in_channels_last_matches_nchw_and_resumes_in_either_layout(folder, cache_dir, tmp_path, monkeypatch):
+    # the layout is the CPU's choice (channels_last for bf16 with AMX): a checkpoint must resume on any machine
+    import trainer as trainer_module
+    kw = dict(lr_decay="constant", sample_every=0)
+    Trainer(config(folder, cache_dir, tmp_path / "nchw", epochs=2, **kw)).train()
+    monkeypatch.setattr(trainer_module, "training_memory_format", lambda device, dtype: torch.channels_last)
+    first = Trainer(config(folder, cache_dir, tmp_path / "switched", epochs=1, **kw))
+    for model in (first.model, first.ema.module):
+        assert model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    first.train()
+    monkeypatch.undo()
+    resumed = Trainer(config(folder, cache_dir, tmp_path / "switched", epochs=2, resume=True, **kw))
+    assert resumed.model.input_conv.weight.is_contiguous()
+    for param, state in resumed.opt.state.items():
+        assert state["exp_avg"].stride() == param.stride() and state["exp_avg_sq"].stride() == param.stride()
+    resumed.train()
+    a, b = weights(tmp_path / "nchw"), weights(tmp_path / "switched")
+    # the same losses step by step (the resumed steps' too: AdamW's moments in the wrong layout change them), not
+    # the same weights: Adam's first steps move every weight by about lr whatever its gradient's size, so where a
+    # gradient is near zero the layouts' rounding decides the direction
+    assert b["history"]["loss"] == pytest.approx(a["history"]["loss"], rel=1e-3)
+
+
 def test_resume_with_a_different_model_is_refused(folder, cache_dir, tmp_path):
     Trainer(config(folder, cache_dir, tmp_path, epochs=1, sample_every=0)).train()
     with pytest.raises(ValueError, match="does not match"):

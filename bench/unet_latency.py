@@ -8,6 +8,7 @@ run interleaved, A B C D A B C D, and each cell is the median over the rounds.
     python bench/unet_latency.py --peer transformer   # diffusers' Stable-Diffusion attention blocks
 """
 import argparse
+import copy
 
 import torch
 from common import (
@@ -29,7 +30,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import native_bf16
+from models.cpu import native_bf16, sampling_memory_format
 
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 
@@ -54,12 +55,17 @@ def main(argv=None) -> str:
     # bf16 only where it is native: emulated it runs at a fraction of fp32's speed and is no one's default there
     bf16 = torch.bfloat16 if native_bf16("cpu") else None
     ours_default = "ours bf16" if bf16 else "ours fp32"
-    rows, info = [], []
+    rows, info, layouts = [], [], []
     for size in args.sizes:
         torch.manual_seed(0)
         ours, theirs = our_unet(arch, size).eval(), DiffusersDenoiser(arch, size, args.peer == "transformer").eval()
         for m in (ours, theirs):
             m.requires_grad_(False)
+        # bf16 is how our sampler runs: in the layout Pipeline.load puts the model in on this CPU
+        layout = sampling_memory_format("cpu", size // arch.patch_size)
+        ours_sampling = copy.deepcopy(ours).to(memory_format=layout) if bf16 else ours
+        if bf16:
+            layouts.append(f"{size}px: {'channels_last' if layout == torch.channels_last else 'NCHW'}")
         if args.compile:
             from torch._inductor import config as inductor_config
             inductor_config.freezing = True  # weights become constants: prepacked for oneDNN
@@ -80,7 +86,7 @@ def main(argv=None) -> str:
                 return call
             variants = {"ours fp32": run(ours, None), "diffusers fp32": run(theirs, None)}
             if bf16:
-                variants |= {"ours bf16": run(ours, bf16), "diffusers bf16": run(theirs, bf16)}
+                variants |= {"ours bf16": run(ours_sampling, bf16), "diffusers bf16": run(theirs, bf16)}
             if args.compile:
                 variants["ours compiled"] = run(compiled, bf16)
             with torch.inference_mode():
@@ -106,6 +112,8 @@ def main(argv=None) -> str:
              "default on CPUs with native bf16 (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
              "unless told otherwise, hence the column \"ours default / diffusers default\"; on CPUs without native "
              "bf16 (emulated there, at a fraction of fp32's speed) only fp32 runs." + (
+                 f" Ours in bf16 runs in the memory layout our sampler puts the model in on this CPU "
+                 f"(`models.cpu.sampling_memory_format`: {', '.join(layouts)}), in fp32 in NCHW." if layouts else "") + (
                  " \"compiled\": ours under torch.compile at our default precision, against ours and diffusers at the "
                  "same precision; its compilation (tens of seconds per shape) happens in the warm-up round."
                  if args.compile else ""))

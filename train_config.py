@@ -113,11 +113,12 @@ def adamw(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
                              fused=True if device.type in ("cpu", "cuda") else None)
 
 
-def state_in_parameter_layouts(opt: torch.optim.Optimizer) -> None:
-    """Each parameter's optimizer state (AdamW's moments) in that parameter's memory layout. A loaded state keeps the
-    layout it was saved in, and the fused AdamW kernel silently updates a parameter wrongly where its state's
-    layout differs (a checkpoint from a machine that trained in channels_last, resumed on one that trains in NCHW,
-    or the reverse)."""
+def load_optimizer_state(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """opt.load_state_dict, with each parameter's state (AdamW's moments) in that parameter's memory layout. A loaded
+    state keeps the layout it was saved in, and the fused AdamW kernel silently updates a parameter wrongly where
+    its state's layout differs (a checkpoint from a machine that trained in channels_last, resumed on one that
+    trains in NCHW, or the reverse)."""
+    opt.load_state_dict(state_dict)
     for param, state in opt.state.items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():

@@ -34,14 +34,7 @@ from plot_func import DenoisingRecorder, grid_image, plot_loss, to_uint8
 from preprocess import dataset_styles, embed_captions, load_dataset
 from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from sources.captions import STYLE_NAMES
-from train_config import (
-    MUST_MATCH_ON_RESUME,
-    TrainConfig,
-    adamw,
-    autocast_dtype,
-    lr_lambda,
-    state_in_parameter_layouts,
-)
+from train_config import MUST_MATCH_ON_RESUME, TrainConfig, adamw, autocast_dtype, load_optimizer_state, lr_lambda
 from warm_start import config_diffs, warm_start_weights
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -83,8 +76,7 @@ class Trainer:
             self.data.favour_styled(cfg.styled_captions)
         self.diffusion = GaussianDiffusion.from_name(cfg.schedule, cfg.timesteps, cfg.prediction)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        # channels_last where that trains faster (bf16 with AMX); the EMA copy below inherits the layout
-        layout = training_memory_format(self.device, self.amp_dtype)
+        layout = training_memory_format(self.device, self.amp_dtype)  # channels_last for bf16 on AMX; the EMA's too
         self.model = ConditionalUNet(self.unet_cfg).to(self.device, memory_format=layout)
         if cfg.init_from and not cfg.resume:
             self._init_from(cfg.init_from)
@@ -382,8 +374,7 @@ class Trainer:
         self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        state_in_parameter_layouts(self.opt)  # the checkpoint may come from a machine that trained in the other layout
+        load_optimizer_state(self.opt, ckpt["optimizer"])  # saved perhaps by a machine training in the other layout
         if ckpt["scaler"]:  # empty when saved without fp16 gradient scaling: a resumed fp16 run starts a fresh scale
             self.scaler.load_state_dict(ckpt["scaler"])
         self.lr_sched.load_state_dict(ckpt["lr_scheduler"])

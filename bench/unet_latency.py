@@ -20,6 +20,7 @@ from common import (
     autocast,
     count_flops,
     interleaved,
+    matmul_peak,
     median,
     n_params,
     our_unet,
@@ -47,6 +48,7 @@ def main(argv=None) -> str:
     p.add_argument("--compile", action="store_true",
                    help="also time ours under torch.compile (inductor, frozen weights), at our default precision")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring the bf16 matmul peak")
     add_output_args(p)
     args = p.parse_args(argv)
     if args.threads:
@@ -96,12 +98,18 @@ def main(argv=None) -> str:
             rows.append([size, b, ms["ours fp32"], ms["diffusers fp32"], ratio("ours fp32", "diffusers fp32"),
                          ms.get("ours bf16", "n/a"), ms.get("diffusers bf16", "n/a"), ratio("ours bf16", "diffusers bf16"),
                          ratio(ours_default, "diffusers fp32")])
+            if bf16:  # our bf16 GFLOP/s; as a share of the bf16 matmul peak once that is measured, below
+                rows[-1].append(f_ours * b / median(r["ours bf16"]))
             if args.compile:
                 rows[-1] += [ms["ours compiled"], ratio("ours compiled", ours_default),
                              ratio("ours compiled", "diffusers bf16" if bf16 else "diffusers fp32")]
             print(rows[-1])
+    # without native bf16 a bf16 "peak" would be emulated (minutes) and the ceiling of nothing that runs
+    peak = matmul_peak(torch.bfloat16, seconds=args.peak_seconds) if bf16 else None
+    for row in rows:
+        row.insert(9, f"{row.pop(9) / peak:.0%}" if bf16 else "n/a")
     header = ["px", "batch", "ours fp32 ms", "diffusers fp32 ms", "ratio fp32", "ours bf16 ms", "diffusers bf16 ms",
-              "ratio bf16", "ours default / diffusers default"]
+              "ratio bf16", "ours default / diffusers default", "ours bf16 of bf16 peak"]
     header += ["ours compiled ms", "compiled / ours", "compiled / diffusers"] if args.compile else []
     body = table(header, rows)
     peer = "Transformer2D (Stable Diffusion) blocks" if args.peer == "transformer" else "SimpleCrossAttn blocks"
@@ -112,6 +120,8 @@ def main(argv=None) -> str:
              "default on CPUs with native bf16 (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
              "unless told otherwise, hence the column \"ours default / diffusers default\"; on CPUs without native "
              "bf16 (emulated there, at a fraction of fp32's speed) only fp32 runs." + (
+                 f" \"of bf16 peak\": our FLOPs per second in bf16 over the {peak / 1e9:.0f} GFLOP/s of a 2048^3 bf16 "
+                 "matrix product measured in the same run." if bf16 else "") + (
                  f" Ours in bf16 runs in the memory layout our sampler puts the model in on this CPU "
                  f"(`models.cpu.sampling_memory_format`: {', '.join(layouts)}), in fp32 in NCHW." if layouts else "") + (
                  " \"compiled\": ours under torch.compile at our default precision, against ours and diffusers at the "

@@ -38,15 +38,18 @@ def test_latency(tmp_path, monkeypatch, native_bf16):
     pytest.importorskip("diffusers")
     import unet_latency
     monkeypatch.setattr(unet_latency, "native_bf16", lambda device: native_bf16)
+    # the real probe, at a size that is quick even where bf16 is emulated
+    monkeypatch.setattr(unet_latency, "matmul_peak", lambda dtype, seconds: common.matmul_peak(dtype, 256, seconds))
     doc = tmp_path / "bench.md"
     key = f"latency-tiny-{common.isa_tag()}"
     doc.write_text(f"# Benchmarks\n\nintro\n\n<!-- bench:{key} -->\nold table\n<!-- /bench:{key} -->\n\nmore\n")
     unet_latency.main(["--arch", "tiny", "--sizes", "32", "--batches", "2", "--reps", "1", "--min-time", "0",
-                       "--write", "--doc", str(doc)])
+                       "--peak-seconds", "0.1", "--write", "--doc", str(doc)])
     lines = check_table(doc, "latency-tiny", "px")
     assert len(lines) == 3 and lines[2].startswith("| 32 | 2 |")
     cells = lines[2].strip("| ").split(" | ")  # bf16 runs only where it is native; else its cells say so
     assert [c == "n/a" for c in cells[5:8]] == [not native_bf16] * 3 and cells[8] != "n/a"
+    assert (cells[9] == "n/a") is not native_bf16 and (native_bf16 is False or cells[9].endswith("%"))
     text = doc.read_text()  # its own section replaced in place, the rest kept
     assert "old table" not in text and text.count(f"<!-- bench:{key} -->") == 1
     assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("more")
@@ -92,9 +95,11 @@ def test_layout(tmp_path, folder_data):
                  "--reps", "1", "--write", "--doc", str(doc)])
     lines = check_table(doc, "layout-tiny", "training step layout")
     assert [line.split(" | ")[0] for line in lines[2:5]] == \
-        ["| NCHW", "| channels_last, PyTorch's GroupNorm", "| channels_last, GroupNorm via NCHW"]
+        ["| NCHW", "| channels_last, PyTorch's GroupNorm", "| channels_last, the model's GroupNorm"]
+    assert [line.split(" | ")[4] for line in lines[2:5]].count("yes |") == 1  # the layout the trainer picks here
     text = doc.read_text()
     assert "| sampling batch |" in text and "| 8 |" in text and "| GroupNorm input |" in text
+    assert "| 16x128x64x64 |" in text and "| channels_last kernel |" in text and "| via NCHW |" in text
 
 
 def test_memory(tmp_path, folder_data):

@@ -24,7 +24,7 @@ def _isa_cap() -> str:
 
 def amx(device) -> bool:
     """True on CPUs with AMX tile units that oneDNN may use (unless ONEDNN_MAX_CPU_ISA caps it below an AMX ISA,
-    e.g. AVX512_CORE_BF16): there bf16 convolutions in channels_last run 2-4x their NCHW speed."""
+    e.g. AVX512_CORE_BF16): there bf16 convolutions in channels_last run several times their NCHW speed."""
     if not native_bf16(device) or not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return False
     return _isa_cap() in ("", "ALL", "DEFAULT") or "AMX" in _isa_cap()
@@ -32,7 +32,8 @@ def amx(device) -> bool:
 
 # Largest feature map (image size / patch size) at which channels_last sampling was measured faster on AVX512-BF16
 # without AMX (bench/layout.py: 16x16 1.12-1.21x, 32x32 1.06-1.07x; 64x64 0.92-1.00x, i.e. slower): beyond it,
-# NCHW. With AMX channels_last is faster at every size measured (64x64 1.27x).
+# NCHW. With AMX channels_last is faster at every size measured (64x64 1.22-1.31x, `bench/layout.py --arch matched
+# --size 64 --batch 16`).
 CHANNELS_LAST_MAX_MAP = 32
 
 

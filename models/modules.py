@@ -21,9 +21,9 @@ class _Relayout(torch.autograd.Function):
 
 
 # Feature maps of at least this many pixels are normalized by PyTorch's own channels_last GroupNorm kernel when
-# no gradient is needed: its forward is as fast as the NCHW one there, and a relayout copy costs 4-8x the
-# kernel. On smaller maps, and in every backward pass, the channels_last kernel is 2-10x slower than the
-# relayout (`python bench/layout.py`, GroupNorm tables).
+# no gradient is needed: its forward is as fast as the NCHW one there, and the relayout copies cost about 7x the
+# kernel. On smaller maps (3-5x) and in every backward pass (1.5-8x) the channels_last kernel is slower than the
+# relayout (`python bench/layout.py`, its GroupNorm tables, with AMX and without).
 CHANNELS_LAST_GROUP_NORM_MIN_PIXELS = 32 * 32
 
 

@@ -57,6 +57,8 @@ def main(argv=None) -> str:
     # bf16 only where it is native: emulated it runs at a fraction of fp32's speed and is no one's default there
     bf16 = torch.bfloat16 if native_bf16("cpu") else None
     ours_default = "ours bf16" if bf16 else "ours fp32"
+    # the ceiling "of bf16 peak" compares with; without native bf16 it would be emulated (minutes) and no ceiling
+    peak = matmul_peak(torch.bfloat16, seconds=args.peak_seconds) if bf16 else None
     rows, info, layouts = [], [], []
     for size in args.sizes:
         torch.manual_seed(0)
@@ -97,17 +99,12 @@ def main(argv=None) -> str:
             ratio = lambda a, b: f"**{ratio_of_medians(r[a], r[b]):.2f}**" if a in r and b in r else "n/a"
             rows.append([size, b, ms["ours fp32"], ms["diffusers fp32"], ratio("ours fp32", "diffusers fp32"),
                          ms.get("ours bf16", "n/a"), ms.get("diffusers bf16", "n/a"), ratio("ours bf16", "diffusers bf16"),
-                         ratio(ours_default, "diffusers fp32")])
-            if bf16:  # our bf16 GFLOP/s; as a share of the bf16 matmul peak once that is measured, below
-                rows[-1].append(f_ours * b / median(r["ours bf16"]))
+                         ratio(ours_default, "diffusers fp32"),
+                         f"{f_ours * b / median(r['ours bf16']) / peak:.0%}" if bf16 else "n/a"])
             if args.compile:
                 rows[-1] += [ms["ours compiled"], ratio("ours compiled", ours_default),
                              ratio("ours compiled", "diffusers bf16" if bf16 else "diffusers fp32")]
             print(rows[-1])
-    # without native bf16 a bf16 "peak" would be emulated (minutes) and the ceiling of nothing that runs
-    peak = matmul_peak(torch.bfloat16, seconds=args.peak_seconds) if bf16 else None
-    for row in rows:
-        row.insert(9, f"{row.pop(9) / peak:.0%}" if bf16 else "n/a")
     header = ["px", "batch", "ours fp32 ms", "diffusers fp32 ms", "ratio fp32", "ours bf16 ms", "diffusers bf16 ms",
               "ratio bf16", "ours default / diffusers default", "ours bf16 of bf16 peak"]
     header += ["ours compiled ms", "compiled / ours", "compiled / diffusers"] if args.compile else []

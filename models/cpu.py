@@ -15,10 +15,11 @@ def native_bf16(device) -> bool:
     matmuls run about 2x fp32 (AVX512-BF16) or several times it (AMX)."""
     if torch.device(device).type != "cpu" or not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return False
-    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper() not in ISAS_WITHOUT_BF16
+    return _isa_cap() not in ISAS_WITHOUT_BF16
 
 
 def _isa_cap() -> str:
+    """The ISA oneDNN is capped at for this process ("" when not capped)."""
     return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
 
 
@@ -27,7 +28,8 @@ def amx(device) -> bool:
     e.g. AVX512_CORE_BF16): there bf16 convolutions in channels_last run several times their NCHW speed."""
     if not native_bf16(device) or not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return False
-    return _isa_cap() in ("", "ALL", "DEFAULT") or "AMX" in _isa_cap()
+    cap = _isa_cap()
+    return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
 # Largest feature map (image size / patch size) at which channels_last sampling was measured faster on AVX512-BF16

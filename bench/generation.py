@@ -3,7 +3,8 @@
 Both sides: encode the prompt (a new prompt every round, so no cache helps) and the empty prompt with
 the same all-MiniLM-L6-v2 encoder, run DPM-Solver++(2M) for --steps U-Net evaluations with
 classifier-free guidance (conditional and unconditional halves in one batch), write one PNG per image.
-Ours is `Pipeline.generate` (diffusion.sample with its default precision) + `plot_func.save_png`; the
+Ours is `Pipeline.generate` (diffusion.sample with its default precision, the model in the layout
+`Pipeline.load` picks on this CPU) + `plot_func.save_png`; the
 diffusers loop is what StableDiffusionPipeline does per step, with DPMSolverMultistepScheduler on the
 same cosine schedule, a UNet2DConditionModel of the same config and no VAE (pixel space, like ours).
 
@@ -34,7 +35,7 @@ from common import (
 from PIL import Image
 
 from diffusion import GaussianDiffusion
-from models.cpu import native_bf16
+from models.cpu import native_bf16, sampling_memory_format
 from models.text_encoder import TextCondition, TextEncoder
 from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8
@@ -107,7 +108,9 @@ def main(argv=None) -> str:
         torch.set_num_threads(args.threads)
     arch = ARCHS[args.arch]
     torch.manual_seed(0)
-    model = our_unet(arch, args.size).eval().requires_grad_(False)
+    # in the layout Pipeline.load puts the model in on this CPU, as the app samples
+    layout = sampling_memory_format("cpu", args.size // arch.patch_size)
+    model = our_unet(arch, args.size).to(memory_format=layout).eval().requires_grad_(False)
     unet = DiffusersDenoiser(arch, args.size).eval().requires_grad_(False)
     encoder = TextEncoder()
     pipe = Pipeline(model, GaussianDiffusion.from_name("cosine", 1000), encoder)
@@ -139,7 +142,9 @@ def main(argv=None) -> str:
              f"{n_params(unet) / 1e6:.2f}M diffusers); DPM-Solver++(2M), {args.steps} steps, guidance {args.guidance}, "
              f"so each step runs the U-Net on 2 x images. Seconds from prompt to PNG files on disk, medians of "
              f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast on CPUs with "
-             "native bf16, else fp32). Our sampler's own work per step (DPM-Solver++ update, clipping, with a "
+             f"native bf16, else fp32) in the layout `Pipeline.load` picks here "
+             f"({'channels_last' if layout == torch.channels_last else 'NCHW'}). Our sampler's own work per step "
+             "(DPM-Solver++ update, clipping, with a "
              f"denoiser that returns zeros, {max(args.n)} images): {loop_us:.0f} us.")
     print(body + "\n\n" + notes)
     if args.write:

@@ -60,11 +60,19 @@ def test_generation(tmp_path, text_encoder, monkeypatch, native_bf16):
     pytest.importorskip("diffusers")
     import generation
     monkeypatch.setattr(generation, "native_bf16", lambda device: native_bf16)
+    # ours samples in the layout Pipeline.load would pick (here: as if that were channels_last with native bf16)
+    layout = torch.channels_last if native_bf16 else torch.contiguous_format
+    monkeypatch.setattr(generation, "sampling_memory_format", lambda device, size: layout)
+    layouts, generate = [], generation.ours_generate
+    monkeypatch.setattr(generation, "ours_generate", lambda pipe, *a: layouts.append(
+        pipe.model.input_conv.weight.is_contiguous(memory_format=layout)) or generate(pipe, *a))
     doc = tmp_path / "bench.md"
     generation.main(["--arch", "shipped", "--n", "1", "--steps", "2", "--reps", "1", "--write", "--doc", str(doc)])
     lines = check_table(doc, "generation-shipped", "images")
     cells = lines[2].strip("| ").split(" | ")  # images, ours, diffusers fp32, diffusers bf16, the two ratios
     assert [c == "n/a" for c in cells[1:]] == [False, False, not native_bf16, False, not native_bf16]
+    assert layouts and all(layouts)
+    assert f"picks here ({'channels_last' if native_bf16 else 'NCHW'})" in doc.read_text()
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])

@@ -40,7 +40,8 @@ class Arch:
 
 
 MATCHED = Arch()  # a standard config both libraries can build; parameter counts agree within 2%
-# The shipped default model: 32px, patch 2, base 64, mult 1 2 2, 1 res block, attention at 8x8 and 4x4 feature maps.
+# The default model's config until stage 8 (2026-12-06; stage 8 has 2 res blocks per level; docs/benchmarks.md's
+# "shipped config" tables were measured on this one): 32px, patch 2, base 64, mult 1 2 2, 1 res block, attention at 8x8 and 4x4 feature maps.
 SHIPPED = Arch(widths=(64, 128, 128), blocks=1, attn_levels=(1, 2), patch_size=2)
 TINY = Arch(widths=(32, 32), blocks=1, attn_levels=(1,), heads=2)  # for smoke tests
 

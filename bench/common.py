@@ -89,6 +89,10 @@ class DiffusersDenoiser(nn.Module):
         return F.pixel_shuffle(out, self.patch_size)
 
 
+def layout_name(memory_format: torch.memory_format) -> str:
+    return "channels_last" if memory_format == torch.channels_last else "NCHW"
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -24,6 +24,7 @@ from common import (
     DiffusersDenoiser,
     add_output_args,
     interleaved,
+    layout_name,
     median,
     n_params,
     our_unet,
@@ -143,7 +144,7 @@ def main(argv=None) -> str:
              f"so each step runs the U-Net on 2 x images. Seconds from prompt to PNG files on disk, medians of "
              f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast on CPUs with "
              f"native bf16, else fp32) in the layout `Pipeline.load` picks here "
-             f"({'channels_last' if layout == torch.channels_last else 'NCHW'}). Our sampler's own work per step "
+             f"({layout_name(layout)}). Our sampler's own work per step "
              "(DPM-Solver++ update, clipping, with a "
              f"denoiser that returns zeros, {max(args.n)} images): {loop_us:.0f} us.")
     print(body + "\n\n" + notes)

@@ -20,6 +20,7 @@ from common import (
     autocast,
     count_flops,
     interleaved,
+    layout_name,
     matmul_peak,
     median,
     n_params,
@@ -69,7 +70,7 @@ def main(argv=None) -> str:
         layout = sampling_memory_format("cpu", size // arch.patch_size)
         ours_sampling = copy.deepcopy(ours).to(memory_format=layout) if bf16 else ours
         if bf16:
-            layouts.append(f"{size}px: {'channels_last' if layout == torch.channels_last else 'NCHW'}")
+            layouts.append(f"{size}px: {layout_name(layout)}")
         if args.compile:
             from torch._inductor import config as inductor_config
             inductor_config.freezing = True  # weights become constants: prepacked for oneDNN

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 from common import (
-    MATCHED,
-    SHIPPED,
-    TINY,
+    ARCHS,
     DiffusersDenoiser,
     add_output_args,
     interleaved,
@@ -42,7 +40,6 @@ from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8
 from samplers import dpmpp_2m_sample
 
-ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 WORDS = ["red", "blue", "green", "small", "big", "happy", "sleepy", "shiny"]
 NOUNS = ["apple", "fish", "cat", "car", "house", "tree", "star", "moon"]
 

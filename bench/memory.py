@@ -15,11 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, SHIPPED, TINY, add_output_args, our_unet, section, table, write_section
+from common import DEEP, ROOT, SHIPPED, TINY, add_output_args, our_unet, section, table, write_section
 
 from checkpoints import save_weights
 
-ARCHS = {"shipped": SHIPPED, "tiny": TINY}
+ARCHS = {"shipped": SHIPPED, "deep": DEEP, "tiny": TINY}
 
 
 def peak_rss(cmd: list[str], log: Path) -> tuple[float, float]:

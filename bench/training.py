@@ -19,9 +19,7 @@ import tempfile
 import torch
 import torch.nn.functional as F
 from common import (
-    MATCHED,
-    SHIPPED,
-    TINY,
+    ARCHS,
     DiffusersDenoiser,
     add_output_args,
     autocast,
@@ -39,8 +37,6 @@ from common import (
 from models.cpu import native_bf16
 from train_config import TrainConfig, autocast_dtype, lr_lambda
 from trainer import Trainer
-
-ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 
 
 def our_trainer(args, arch, precision: str, out_dir: str) -> Trainer:

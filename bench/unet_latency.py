@@ -12,9 +12,7 @@ import copy
 
 import torch
 from common import (
-    MATCHED,
-    SHIPPED,
-    TINY,
+    ARCHS,
     DiffusersDenoiser,
     add_output_args,
     autocast,
@@ -33,8 +31,6 @@ from common import (
 )
 
 from models.cpu import native_bf16, sampling_memory_format
-
-ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "tiny": TINY}
 
 
 def main(argv=None) -> str:

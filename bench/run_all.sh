@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every table of docs/benchmarks.md (about 25 minutes on 2 cores). Run it on an idle machine.
+# Regenerates every table of docs/benchmarks.md (about 27 minutes on 2 cores). Run it on an idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -10,6 +10,7 @@ python bench/unet_latency.py --compile --batches 4 --write            # ours und
 python bench/generation.py --write                                    # shipped config, 1 and 4 images
 python bench/generation.py --arch matched --write
 python bench/training.py --write                                      # shipped config, batch 64
+python bench/training.py --arch deep --write                          # the default model's config since stage 8
 python bench/training.py --arch matched --batch 16 --write
 python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
 python bench/memory.py --write

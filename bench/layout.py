@@ -18,9 +18,20 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from common import autocast, interleaved, median, our_unet, random_condition, section, table, write_section
+from common import (
+    ARCHS,
+    autocast,
+    interleaved,
+    layout_name,
+    median,
+    our_unet,
+    random_condition,
+    section,
+    table,
+    write_section,
+)
 from torch import nn
-from training import ARCHS, forever, our_trainer, training_arguments
+from training import forever, our_trainer, training_arguments
 
 from models.cpu import native_bf16, sampling_memory_format, training_memory_format
 from models.modules import CHANNELS_LAST_GROUP_NORM_MIN_PIXELS, GroupNorm
@@ -46,7 +57,7 @@ def sampling_rows(args) -> list[list[str]]:
     nchw = our_unet(ARCHS[args.arch], args.size).eval().requires_grad_(False)
     models = {"NCHW": nchw, "channels_last": copy.deepcopy(nchw).to(memory_format=CL)}
     dtype = torch.bfloat16 if native_bf16("cpu") else torch.float32
-    pick = "channels_last" if sampling_memory_format("cpu", args.size // ARCHS[args.arch].patch_size) == CL else "NCHW"
+    pick = layout_name(sampling_memory_format("cpu", args.size // ARCHS[args.arch].patch_size))
     rows = []
     for batch in SAMPLING_BATCHES:
         x, t, cond = torch.randn(batch, 3, args.size, args.size), torch.full((batch,), 500), random_condition(batch)

@@ -9,11 +9,11 @@ import torch
 from checkpoints import ModelFileError, ModelFileNotFoundError, error_line, read_model_file, resolve_checkpoint
 from diffusion import PREDICTIONS, SCHEDULES, GaussianDiffusion
 from guidance import CADS_SEED_OFFSET, DEFAULT_GUIDANCE, Guidance, guided_denoiser
-from models.cpu import sampling_memory_format
+from models.cpu import bf16_layer_copy, sampling_memory_format
 from models.text_encoder import EMBED_DIM, TextCondition, TextEncoder, interpolate_conditions, null_condition
 from models.unet import ConditionalUNet, UNetConfig
 from preprocess import load_dataset
-from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, sample
+from samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, RESAMPLE, runs_in_bf16, sample
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "output_ImageNet" / "default_model.safetensors"
 # A model file's config is checked before anything is allocated: each size within these bounds (so that even
@@ -75,11 +75,22 @@ class Pipeline:
     diffusion: GaussianDiffusion
     encoder: TextEncoder
     info: dict = field(default_factory=dict)  # dataset, steps trained, example prompts, source path
+    _bf16_model: Optional[ConditionalUNet] = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, path=None, device="auto", encoder: TextEncoder | None = None) -> "Pipeline":
         model, diffusion, info = load_model(path, pick_device(device))
         return cls(model, diffusion, encoder or TextEncoder(), info)
+
+    def sampling_model(self, precision: str = "auto") -> ConditionalUNet:
+        """The model that samples at `precision` (see samplers.fast_denoiser): where that is bf16 autocast, a copy
+        whose convolution and linear weights are bf16 already (models.cpu.bf16_layer_copy: the same images,
+        without casting 8.8M weights at every step), made at the first such call; else the model itself."""
+        if not runs_in_bf16(precision, torch.float32, next(self.model.parameters()).device):
+            return self.model
+        if self._bf16_model is None:
+            self._bf16_model = bf16_layer_copy(self.model)
+        return self._bf16_model
 
     def condition(self, prompts: Sequence[str]) -> TextCondition:
         """The prompts' text condition, with the styles they name where the model has a style embedding."""
@@ -100,8 +111,9 @@ class Pipeline:
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
         negative = self.condition(negatives) if any(p.strip() for p in negatives) else None
-        return generate_images(self.model, self.diffusion, self.condition(prompts), sampler, steps, guidance, seed,
-                               callback, negative=negative, **options)
+        return generate_images(self.sampling_model(options.get("precision", "auto")), self.diffusion,
+                               self.condition(prompts), sampler, steps, guidance, seed, callback, negative=negative,
+                               **options)
 
     def morph(self, prompt_a: str, prompt_b: str, frames: int = 8, sampler="dpmpp", steps=25, guidance=DEFAULT_GUIDANCE, seed=0,
               callback=None, negative_prompt: str = "", **options) -> torch.Tensor:
@@ -113,8 +125,8 @@ class Pipeline:
         cond = interpolate_conditions(self.condition([prompt_a]), self.condition([prompt_b]),
                                       [k / (frames - 1) for k in range(frames)])
         negative = self.condition([negative_prompt]) if negative_prompt.strip() else None
-        return generate_images(self.model, self.diffusion, cond, sampler, steps, guidance, [seed] * frames, callback,
-                               negative=negative, **options)
+        return generate_images(self.sampling_model(options.get("precision", "auto")), self.diffusion, cond, sampler,
+                               steps, guidance, [seed] * frames, callback, negative=negative, **options)
 
 
 def _whole(value, low: int, high: int) -> bool:

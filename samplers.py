@@ -184,13 +184,17 @@ def sampler_steps(diffusion: GaussianDiffusion, sampler: str, steps: Optional[in
     return top + 1 if sampler == "ddpm" else (steps if t_start is None else min(steps, top + 1))
 
 
+def runs_in_bf16(precision: str, dtype: torch.dtype, device) -> bool:
+    """Whether `fast_denoiser` runs the denoiser of samples of `dtype` on `device` under bf16 autocast."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose 'auto', 'bf16' or 'fp32'")
+    return precision == "bf16" or (precision == "auto" and dtype == torch.float32 and native_bf16(device))
+
+
 def fast_denoiser(denoiser: Denoiser, x: torch.Tensor, precision: str = "auto") -> Denoiser:
     """The denoiser run under bf16 autocast where that is fast ("auto": float32 samples on a CPU with
     native bf16; "bf16": always; "fp32": never). The sampler's own arithmetic stays in x's dtype."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; choose 'auto', 'bf16' or 'fp32'")
-    use = precision == "bf16" or (precision == "auto" and x.dtype == torch.float32 and native_bf16(x.device))
-    if not use:
+    if not runs_in_bf16(precision, x.dtype, x.device):
         return denoiser
 
     def run(x_t, t):

@@ -30,7 +30,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import native_bf16, sampling_memory_format
+from models.cpu import bf16_layer_copy, native_bf16, sampling_memory_format
 
 
 def main(argv=None) -> str:
@@ -64,7 +64,8 @@ def main(argv=None) -> str:
             m.requires_grad_(False)
         # bf16 is how our sampler runs: in the layout Pipeline.load puts the model in on this CPU
         layout = sampling_memory_format("cpu", size // arch.patch_size)
-        ours_sampling = copy.deepcopy(ours).to(memory_format=layout) if bf16 else ours
+        ours_layout = copy.deepcopy(ours).to(memory_format=layout) if bf16 else ours
+        ours_sampling = bf16_layer_copy(ours_layout) if bf16 else ours  # with its weights cast once, as there
         if bf16:
             layouts.append(f"{size}px: {layout_name(layout)}")
         if args.compile:
@@ -87,7 +88,8 @@ def main(argv=None) -> str:
                 return call
             variants = {"ours fp32": run(ours, None), "diffusers fp32": run(theirs, None)}
             if bf16:
-                variants |= {"ours bf16": run(ours_sampling, bf16), "diffusers bf16": run(theirs, bf16)}
+                variants |= {"ours bf16": run(ours_sampling, bf16), "diffusers bf16": run(theirs, bf16),
+                             "ours bf16, weights cast per call": run(ours_layout, bf16)}
             if args.compile:
                 variants["ours compiled"] = run(compiled, bf16)
             with torch.inference_mode():
@@ -97,13 +99,14 @@ def main(argv=None) -> str:
             rows.append([size, b, ms["ours fp32"], ms["diffusers fp32"], ratio("ours fp32", "diffusers fp32"),
                          ms.get("ours bf16", "n/a"), ms.get("diffusers bf16", "n/a"), ratio("ours bf16", "diffusers bf16"),
                          ratio(ours_default, "diffusers fp32"),
-                         f"{f_ours * b / median(r['ours bf16']) / peak:.0%}" if bf16 else "n/a"])
+                         f"{f_ours * b / median(r['ours bf16']) / peak:.0%}" if bf16 else "n/a",
+                         ratio("ours bf16, weights cast per call", "ours bf16")])
             if args.compile:
                 rows[-1] += [ms["ours compiled"], ratio("ours compiled", ours_default),
                              ratio("ours compiled", "diffusers bf16" if bf16 else "diffusers fp32")]
             print(rows[-1])
     header = ["px", "batch", "ours fp32 ms", "diffusers fp32 ms", "ratio fp32", "ours bf16 ms", "diffusers bf16 ms",
-              "ratio bf16", "ours default / diffusers default", "ours bf16 of bf16 peak"]
+              "ratio bf16", "ours default / diffusers default", "ours bf16 of bf16 peak", "weights cast once: gain"]
     header += ["ours compiled ms", "compiled / ours", "compiled / diffusers"] if args.compile else []
     body = table(header, rows)
     peer = "Transformer2D (Stable Diffusion) blocks" if args.peer == "transformer" else "SimpleCrossAttn blocks"
@@ -117,7 +120,10 @@ def main(argv=None) -> str:
                  f" \"of bf16 peak\": our FLOPs per second in bf16 over the {peak / 1e9:.0f} GFLOP/s of a 2048^3 bf16 "
                  "matrix product measured in the same run." if bf16 else "") + (
                  f" Ours in bf16 runs in the memory layout our sampler puts the model in on this CPU "
-                 f"(`models.cpu.sampling_memory_format`: {', '.join(layouts)}), in fp32 in NCHW." if layouts else "") + (
+                 f"(`models.cpu.sampling_memory_format`: {', '.join(layouts)}), in fp32 in NCHW; with its convolution "
+                 "and linear weights cast to bf16 once, as `Pipeline.sampling_model` does (`models.cpu.bf16_layer_copy`: "
+                 "the same outputs bit for bit). \"weights cast once: gain\": the same model with fp32 weights that "
+                 "autocast casts at every call, over it, interleaved in the same rounds." if layouts else "") + (
                  " \"compiled\": ours under torch.compile at our default precision, against ours and diffusers at the "
                  "same precision; its compilation (tens of seconds per shape) happens in the warm-up round."
                  if args.compile else ""))

@@ -1,6 +1,7 @@
-"""What this process's CPU computes fast: whether bf16 autocast pays off (sampling and training both ask), and
-the memory layout sampling runs fastest in."""
+"""What this process's CPU computes fast: whether bf16 autocast pays off (sampling and training both ask), the
+memory layout sampling and training run fastest in, and a model copy that spares bf16 sampling its weight casts."""
 import os
+from copy import deepcopy
 
 import torch
 
@@ -55,3 +56,19 @@ def training_memory_format(device, dtype) -> torch.memory_format:
     layout conversions in the backward pass: with AMX's bf16 convolutions the faster convolutions outweigh that;
     on AVX512-BF16 alone they do not (`python bench/layout.py`). `dtype`: the step's autocast dtype (None: fp32)."""
     return torch.channels_last if dtype == torch.bfloat16 and amx(device) else torch.contiguous_format
+
+
+# What bf16 autocast casts to bf16 at every call: the weights and biases of these layers (torch's autocast op lists).
+AUTOCAST_BF16_LAYERS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)
+
+
+def bf16_layer_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` for bf16 autocast inference whose convolution and linear layers hold their weights in
+    bf16 already: exactly the values autocast would cast them to at every call (so the outputs are the same bit
+    for bit), cast once instead of at every sampling step. Norms and other parameters stay as they were, as
+    autocast leaves them. Not for training: the copy does not follow the model's later updates."""
+    copy = deepcopy(model)
+    for layer in copy.modules():
+        if isinstance(layer, AUTOCAST_BF16_LAYERS):
+            layer.to(torch.bfloat16)
+    return copy

@@ -50,6 +50,7 @@ def test_latency(tmp_path, monkeypatch, native_bf16):
     cells = lines[2].strip("| ").split(" | ")  # bf16 runs only where it is native; else its cells say so
     assert [c == "n/a" for c in cells[5:8]] == [not native_bf16] * 3 and cells[8] != "n/a"
     assert (cells[9] == "n/a") is not native_bf16 and (native_bf16 is False or cells[9].endswith("%"))
+    assert (cells[10] == "n/a") is not native_bf16 and (native_bf16 is False or float(cells[10].strip("*")) > 0)
     text = doc.read_text()  # its own section replaced in place, the rest kept
     assert "old table" not in text and text.count(f"<!-- bench:{key} -->") == 1
     assert text.startswith("# Benchmarks\n\nintro\n") and text.rstrip().endswith("more")

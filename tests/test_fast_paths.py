@@ -14,7 +14,7 @@ from models.cpu import native_bf16
 from models.modules import GroupNorm, attention, group_norm
 from models.text_encoder import null_condition
 from models.unet import ConditionalUNet, UNetConfig
-from pipeline import generate_images, load_model
+from pipeline import Pipeline, generate_images, load_model
 from tests.gaussian_oracle import MU, marginal_cov
 from tests.test_unet import TINY, random_condition, trained_like
 from train_config import TrainConfig, adamw, autocast_dtype, load_optimizer_state
@@ -282,3 +282,33 @@ def test_training_takes_the_fused_adamw_whose_steps_match_the_default_one():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         moved = max(moved, (a - start).abs().max().item())
     assert moved > 0.04, "five steps at lr 1e-2 move the weights"
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_bf16_layer_copy_computes_exactly_what_autocast_computes(layout):
+    cfg = UNetConfig(attention_resolutions=(16,), style_words=("noto", "openmoji"), **TINY)
+    model = trained_like(ConditionalUNet(cfg)).eval().requires_grad_(False).to(memory_format=layout)
+    twin = cpu.bf16_layer_copy(model)
+    x, t = torch.randn(2, 3, cfg.image_size, cfg.image_size), torch.tensor([10, 900])
+    cond = random_condition(2)._replace(style=torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(twin(x, t, cond), model(x, t, cond))
+    layers = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, cpu.AUTOCAST_BF16_LAYERS)
+              for p, _ in m.named_parameters(recurse=False)}
+    assert {n for n, p in twin.named_parameters() if p.dtype == torch.bfloat16} == layers and len(layers) > 10
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the model itself is left as it was"
+    assert twin.input_conv.weight.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_pipeline_samples_bf16_with_its_bf16_layer_copy_and_the_same_images(native, monkeypatch):
+    monkeypatch.setattr(S, "native_bf16", lambda device: native)
+    model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval().requires_grad_(False)
+    pipe = Pipeline(model, D.GaussianDiffusion.from_name("cosine", 100), encoder=None)
+    assert pipe.sampling_model("fp32") is model
+    twin = pipe.sampling_model("auto")
+    assert (twin is not model) is native and pipe.sampling_model("bf16") is pipe.sampling_model("bf16")
+    monkeypatch.setattr(pipe, "condition", lambda prompts: random_condition(len(prompts)))
+    drawn = pipe.generate(["a", "b"], "dpmpp", 4, 3.0, seed=1, precision="bf16")
+    assert torch.equal(drawn, generate_images(model, pipe.diffusion, random_condition(2), "dpmpp", 4, 3.0, seed=1,
+                                              precision="bf16"))

@@ -82,15 +82,18 @@ class Pipeline:
         model, diffusion, info = load_model(path, pick_device(device))
         return cls(model, diffusion, encoder or TextEncoder(), info)
 
-    def sampling_model(self, precision: str = "auto") -> ConditionalUNet:
-        """The model that samples at `precision` (see samplers.fast_denoiser): where that is bf16 autocast, a copy
-        whose convolution and linear weights are bf16 already (models.cpu.bf16_layer_copy: the same images,
-        without casting 8.8M weights at every step), made at the first such call; else the model itself."""
-        if not runs_in_bf16(precision, torch.float32, next(self.model.parameters()).device):
+    def sampling_model(self, precision: str = "auto", dtype: torch.dtype = torch.float32) -> ConditionalUNet:
+        """The model that samples `dtype` images at `precision` (see samplers.fast_denoiser): where that is bf16
+        autocast, a copy whose convolution and linear weights are bf16 already (models.cpu.bf16_layer_copy: the
+        same images, without casting them all at every step), made at the first such call; else the model."""
+        if not runs_in_bf16(precision, dtype, next(self.model.parameters()).device):
             return self.model
         if self._bf16_model is None:
             self._bf16_model = bf16_layer_copy(self.model)
         return self._bf16_model
+
+    def _sampling_model(self, options: dict) -> ConditionalUNet:
+        return self.sampling_model(options.get("precision", "auto"), options.get("dtype", torch.float32))
 
     def condition(self, prompts: Sequence[str]) -> TextCondition:
         """The prompts' text condition, with the styles they name where the model has a style embedding."""
@@ -111,7 +114,7 @@ class Pipeline:
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
         negative = self.condition(negatives) if any(p.strip() for p in negatives) else None
-        return generate_images(self.sampling_model(options.get("precision", "auto")), self.diffusion,
+        return generate_images(self._sampling_model(options), self.diffusion,
                                self.condition(prompts), sampler, steps, guidance, seed, callback, negative=negative,
                                **options)
 
@@ -125,7 +128,7 @@ class Pipeline:
         cond = interpolate_conditions(self.condition([prompt_a]), self.condition([prompt_b]),
                                       [k / (frames - 1) for k in range(frames)])
         negative = self.condition([negative_prompt]) if negative_prompt.strip() else None
-        return generate_images(self.sampling_model(options.get("precision", "auto")), self.diffusion, cond, sampler,
+        return generate_images(self._sampling_model(options), self.diffusion, cond, sampler,
                                steps, guidance, [seed] * frames, callback, negative=negative, **options)
 
 

@@ -305,7 +305,7 @@ def test_pipeline_samples_bf16_with_its_bf16_layer_copy_and_the_same_images(nati
     monkeypatch.setattr(S, "native_bf16", lambda device: native)
     model = trained_like(ConditionalUNet(UNetConfig(attention_resolutions=(16,), **TINY))).eval().requires_grad_(False)
     pipe = Pipeline(model, D.GaussianDiffusion.from_name("cosine", 100), encoder=None)
-    assert pipe.sampling_model("fp32") is model
+    assert pipe.sampling_model("fp32") is model and pipe.sampling_model("auto", torch.float64) is model
     twin = pipe.sampling_model("auto")
     assert (twin is not model) is native and pipe.sampling_model("bf16") is pipe.sampling_model("bf16")
     monkeypatch.setattr(pipe, "condition", lambda prompts: random_condition(len(prompts)))

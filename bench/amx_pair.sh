@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On an Intel Xeon with AMX: the throughput tables of the training-speed issue twice, with AMX and with it switched
 # off (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16), each kind in its own sections of docs/benchmarks.md (bench/common.py
-# isa_tag). About 13 minutes on 2 cores (2026-12-06); run it on an idle machine.
+# isa_tag). About 13 minutes on 2 cores (2026-12-06, an estimate: the sum of its parts' last runs); run it on an idle
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates every table of docs/benchmarks.md (about 27 minutes on 2 cores). Run it on an idle machine.
+# Regenerates every table of docs/benchmarks.md (about 28 minutes on 2 cores, an estimate: the sum of its parts' last runs). Run it on an idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 python bench/unet_latency.py --write                                  # matched config, 32/64 px, batch 1/4/16
-python bench/unet_latency.py --arch shipped --sizes 32 --write        # the shipped model
+python bench/unet_latency.py --arch shipped --sizes 32 --write        # the shipped config until stage 7
+python bench/unet_latency.py --arch deep --sizes 32 --batches 2 8 16 --write  # the default since stage 8: the app's 1 and 4 images with guidance, and 16
 python bench/unet_latency.py --peer transformer --batches 4 --write   # diffusers' SD-style attention blocks
 python bench/unet_latency.py --compile --batches 4 --write            # ours under torch.compile
 python bench/generation.py --write                                    # shipped config, 1 and 4 images

@@ -226,6 +226,13 @@ def add_output_args(p) -> None:
     p.add_argument("--doc", type=Path, default=DOC, help="markdown file whose section --write replaces")
 
 
+def report(args, key: str, title: str, body: str, notes: str = "") -> None:
+    """Print a benchmark's tables and notes; with --write, put them into their section of --doc."""
+    print(body + "\n\n" + notes)
+    if args.write:
+        write_section(key, section(title, body, notes), args.doc)
+
+
 def write_section(key: str, text: str, path: Path = DOC) -> None:
     """Replace (or append) the block between <!-- bench:key-ISA --> markers of docs/benchmarks.md (isa_tag)."""
     key = f"{key}-{isa_tag()}"

@@ -26,9 +26,8 @@ from common import (
     median,
     our_unet,
     random_condition,
-    section,
+    report,
     table,
-    write_section,
 )
 from torch import nn
 from training import forever, our_trainer, training_arguments
@@ -156,10 +155,8 @@ def main(argv=None) -> str:
              f"(`Trainer.train_step`), medians of {args.reps} interleaved rounds. \"picked here\": the layout "
              "`Trainer` trains in on this CPU (`models.cpu.training_memory_format`) and `Pipeline.load` samples in "
              "(`models.cpu.sampling_memory_format`).")
-    print(body + "\n\n" + notes)
-    if args.write:
-        write_section(f"layout-{args.arch}", section(f"Memory layout: the training step and the sampling call ({args.arch} config)",
-                                                     body, notes), args.doc)
+    report(args, f"layout-{args.arch}", f"Memory layout: the training step and the sampling call ({args.arch} config)",
+           body, notes)
     return body
 
 

@@ -111,6 +111,21 @@ def test_layout(tmp_path, folder_data):
     assert "| 16x128x64x64 |" in text and "| channels_last kernel |" in text and "| via NCHW |" in text
 
 
+def test_profile_step(tmp_path, folder_data):
+    import profile_step
+    doc = tmp_path / "bench.md"
+    profile_step.main(["--arch", "tiny", "--data", str(folder_data), "--cache-dir", str(tmp_path), "--batch", "4",
+                       "--reps", "1", "--precision", "fp32", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "profile-tiny", "kind of operator")
+    rows = lines[2:lines.index(next(line for line in lines if line.startswith("| operator |")))]
+    kinds = {row.split(" | ")[0].lstrip("| ") for row in rows}
+    assert {"convolution forward", "convolution backward", "GroupNorm"} <= kinds  # the model's operators, sorted in
+    shares = [int(row.split(" | ")[2].rstrip("% |")) for row in rows]
+    assert 97 <= sum(shares) <= 103 and shares == sorted(shares, reverse=True)
+    assert profile_step.kind_of("aten::convolution_backward") == "convolution backward"
+    assert profile_step.kind_of("aten::_fused_adamw_") == "optimizer (AdamW), gradient clipping"
+
+
 def test_memory(tmp_path, folder_data):
     import memory
     doc = tmp_path / "bench.md"

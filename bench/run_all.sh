@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every table of docs/benchmarks.md (about 28 minutes on 2 cores, an estimate: the sum of its parts' last runs). Run it on an idle machine.
+# Regenerates every table of docs/benchmarks.md (about 29 minutes on 2 cores, an estimate: the sum of its parts' last runs). Run it on an idle machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
@@ -14,6 +14,7 @@ python bench/training.py --write                                      # shipped 
 python bench/training.py --arch deep --write                          # the default model's config since stage 8
 python bench/training.py --arch matched --batch 16 --write
 python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
+python bench/profile_step.py --arch deep --data mix --write           # where the default config's training step goes
 python bench/memory.py --write
 python bench/web_latency.py --write                                   # web app: first preview and finished batch, shipped model
 python bench/threads.py --write                                       # web app's denoiser call beside a busy core: OpenMP default vs PASSIVE

@@ -19,7 +19,7 @@ KINDS = (
     ("convolution forward", ("convolution", "conv2d")),
     ("GroupNorm", ("group_norm",)),
     ("attention (fused kernel, softmax)", ("scaled_dot_product", "flash_attention", "softmax")),
-    ("optimizer (AdamW), gradient clipping", ("adamw", "_foreach_norm", "clip_grad", "_foreach_mul")),
+    ("optimizer (AdamW), gradient clipping", ("adamw", "_foreach_norm", "linalg_vector_norm", "clip_grad", "_foreach_mul")),
     ("EMA", ("lerp",)),
     ("matrix products", ("addmm", "::mm", "bmm", "matmul", "linear")),
     ("layout copies and casts", ("copy_", "contiguous", "clone", "_to_copy")),

@@ -121,7 +121,7 @@ def test_profile_step(tmp_path, folder_data):
     kinds = {row.split(" | ")[0].lstrip("| ") for row in rows}
     assert {"convolution forward", "convolution backward", "GroupNorm"} <= kinds  # the model's operators, sorted in
     shares = [int(row.split(" | ")[2].rstrip("% |")) for row in rows]
-    assert 97 <= sum(shares) <= 103 and shares == sorted(shares, reverse=True)
+    assert abs(sum(shares) - 100) <= len(shares) / 2 and shares == sorted(shares, reverse=True)  # whole %s, rounded
     assert profile_step.kind_of("aten::convolution_backward") == "convolution backward"
     assert profile_step.kind_of("aten::_fused_adamw_") == "optimizer (AdamW), gradient clipping"
 

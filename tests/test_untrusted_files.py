@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import web
 from checkpoints import ModelFileError, load_checkpoint, load_weights, save_weights
+from models.text_encoder import TextCondition
 from pipeline import MAX_PARAMETERS, load_model
 from sources.image_folder import image_folder
 from sources.images import MAX_DECODE_PIXELS, load_image
@@ -107,6 +108,26 @@ def test_shipped_format_loads_without_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a .safetensors model"))
     model, _, info = load_model(path)
     assert info["parameters"] == sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_weights_stored_as_fp16_load_as_their_fp32_values_and_predict_within_fp16_rounding(tmp_path):
+    """The shipped file may store its weights as fp16 (half the bytes; the 40 MB limit): they load exactly as the
+    fp16-rounded values into the fp32 model, whose prediction then differs from the fp32 file's by fp16 rounding
+    (relative 2^-11 per weight), far less than the prediction itself."""
+    full = tiny_model(tmp_path / "fp32.safetensors")
+    weights, meta = load_weights(full)
+    half = tmp_path / "fp16.safetensors"
+    save_weights({k: v.half() for k, v in weights.items()}, meta, half)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    (m32, _, _), (m16, _, _) = load_model(full), load_model(half)
+    for name, value in m16.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, weights[name].half().float()), name
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 900])
+    cond = TextCondition(torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 384))
+    with torch.no_grad():
+        a, b = m32.float()(x, t, cond), m16.float()(x, t, cond)
+    assert 0 < (a - b).abs().max() < 1e-2 * a.abs().max()
 
 
 # --- model files malformed in every other way ---------------------------------------------------------

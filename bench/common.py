@@ -43,9 +43,10 @@ MATCHED = Arch()  # a standard config both libraries can build; parameter counts
 # The default model's config until stage 8 (2026-12-06; stage 8 has 2 res blocks per level; docs/benchmarks.md's
 # "shipped config" tables were measured on this one): 32px, patch 2, base 64, mult 1 2 2, 1 res block, attention at 8x8 and 4x4 feature maps.
 SHIPPED = Arch(widths=(64, 128, 128), blocks=1, attn_levels=(1, 2), patch_size=2)
-DEEP = Arch(widths=(64, 128, 128), blocks=2, attn_levels=(1, 2), patch_size=2)  # the default model since stage 8
+DEEP = Arch(widths=(64, 128, 128), blocks=2, attn_levels=(1, 2), patch_size=2)  # the default model, stages 8 to 12
+DEEP3 = Arch(widths=(64, 128, 128), blocks=3, attn_levels=(1, 2), patch_size=2)  # the default model since stage 13
 TINY = Arch(widths=(32, 32), blocks=1, attn_levels=(1,), heads=2)  # for smoke tests
-ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "deep": DEEP, "tiny": TINY}  # the --arch choices
+ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "deep": DEEP, "deep3": DEEP3, "tiny": TINY}  # the --arch choices
 
 
 def our_unet(arch: Arch, image_size: int) -> ConditionalUNet:

@@ -11,7 +11,8 @@ python bench/unet_latency.py --compile --batches 4 --write            # ours und
 python bench/generation.py --write                                    # shipped config, 1 and 4 images
 python bench/generation.py --arch matched --write
 python bench/training.py --write                                      # shipped config, batch 64
-python bench/training.py --arch deep --write                          # the default model's config since stage 8
+python bench/training.py --arch deep --write                          # the default model's config, stages 8 to 12
+python bench/training.py --arch deep3 --write                         # the default model's config since stage 13
 python bench/training.py --arch matched --batch 16 --write
 python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
 python bench/profile_step.py --arch deep --data mix --write           # where the default config's training step goes

@@ -14,7 +14,8 @@ for cap in "" AVX512_CORE_BF16; do
     export ONEDNN_MAX_CPU_ISA=$cap
     [ -n "$cap" ] || unset ONEDNN_MAX_CPU_ISA
     python bench/training.py --write                              # shipped config, batch 64, against diffusers
-    python bench/training.py --arch deep --write                  # the default model's config since stage 8
+    python bench/training.py --arch deep --write                  # the default model's config, stages 8 to 12
+    python bench/training.py --arch deep3 --write                 # the default model's config since stage 13
     python bench/training.py --arch matched --batch 16 --write    # the matched config, and % of the bf16 peak
     python bench/unet_latency.py --batches 4 16 --write           # denoiser step against diffusers
     python bench/layout.py --write                                # NCHW vs channels_last

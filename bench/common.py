@@ -6,7 +6,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ MATCHED = Arch()  # a standard config both libraries can build; parameter counts
 # "shipped config" tables were measured on this one): 32px, patch 2, base 64, mult 1 2 2, 1 res block, attention at 8x8 and 4x4 feature maps.
 SHIPPED = Arch(widths=(64, 128, 128), blocks=1, attn_levels=(1, 2), patch_size=2)
 DEEP = Arch(widths=(64, 128, 128), blocks=2, attn_levels=(1, 2), patch_size=2)  # the default model, stages 8 to 12
-DEEP3 = Arch(widths=(64, 128, 128), blocks=3, attn_levels=(1, 2), patch_size=2)  # the default model since stage 13
+DEEP3 = replace(DEEP, blocks=3)  # the default model since stage 13
 TINY = Arch(widths=(32, 32), blocks=1, attn_levels=(1,), heads=2)  # for smoke tests
 ARCHS = {"matched": MATCHED, "shipped": SHIPPED, "deep": DEEP, "deep3": DEEP3, "tiny": TINY}  # the --arch choices
 

@@ -2,7 +2,7 @@
 times), its operators' self CPU time summed into a few kinds (convolutions forward and backward, GroupNorm, layout
 copies, attention, matrix products, optimizer, EMA, the rest) and the slowest operators listed.
 
-    python bench/profile_step.py --arch deep              # the default model's config of stages 8 to 12, batch 64
+    python bench/profile_step.py --arch deep3             # the default model's config since stage 13, batch 64
 """
 import tempfile
 import time

@@ -17,6 +17,7 @@ python bench/training.py --arch matched --batch 16 --write
 python bench/layout.py --write                                        # NCHW vs channels_last training step, GroupNorm per layout
 python bench/layout.py --arch deep3 --data mix --write               # the same at the default model's config
 python bench/profile_step.py --arch deep --data mix --write           # where the deep config's training step goes
+python bench/profile_step.py --arch deep3 --data mix --write          # the same at the default model's config
 python bench/memory.py --write
 python bench/web_latency.py --write                                   # web app: first preview and finished batch, shipped model
 python bench/threads.py --write                                       # web app's denoiser call beside a busy core: OpenMP default vs PASSIVE

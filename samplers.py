@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from diffusion import Callback, Denoiser, GaussianDiffusion, Generators
-from models.cpu import native_bf16
+from models.cpu import bf16_pays_off
 
 # The app's and the commands' default sampler, chosen by measured adherence and time (docs/model_card.md):
 # the stochastic solver's fresh noise corrects errors an ODE solver carries to the end.
@@ -188,12 +188,12 @@ def runs_in_bf16(precision: str, dtype: torch.dtype, device) -> bool:
     """Whether `fast_denoiser` runs the denoiser of samples of `dtype` on `device` under bf16 autocast."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"unknown precision {precision!r}; choose 'auto', 'bf16' or 'fp32'")
-    return precision == "bf16" or (precision == "auto" and dtype == torch.float32 and native_bf16(device))
+    return precision == "bf16" or (precision == "auto" and dtype == torch.float32 and bf16_pays_off(device))
 
 
 def fast_denoiser(denoiser: Denoiser, x: torch.Tensor, precision: str = "auto") -> Denoiser:
-    """The denoiser run under bf16 autocast where that is fast ("auto": float32 samples on a CPU with
-    native bf16; "bf16": always; "fp32": never). The sampler's own arithmetic stays in x's dtype."""
+    """The denoiser run under bf16 autocast where that is fast ("auto": float32 samples on a CPU where
+    models.cpu.bf16_pays_off; "bf16": always; "fp32": never). The sampler's own arithmetic stays in x's dtype."""
     if not runs_in_bf16(precision, x.dtype, x.device):
         return denoiser
 

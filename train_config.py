@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from models.cpu import native_bf16
+from models.cpu import bf16_pays_off
 from models.unet import UNetConfig
 
 
@@ -97,11 +97,11 @@ class TrainConfig:
 # settings a checkpoint fixes: resuming with other values would silently continue with the checkpoint's
 MUST_MATCH_ON_RESUME = ("batch_size", "lr", "weight_decay", "warmup_steps", "lr_decay", "ema_decay", "seed")
 def autocast_dtype(precision: str, device: torch.device):
-    """None for fp32; bf16 on CPUs with native bf16 (models.cpu.native_bf16); fp16 on CUDA."""
+    """None for fp32; bf16 on CPUs where it is faster than fp32 (models.cpu.bf16_pays_off); fp16 on CUDA."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if native_bf16(device) else None
+        return torch.bfloat16 if bf16_pays_off(device) else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -1,6 +1,8 @@
 """What this process's CPU computes fast: whether bf16 autocast pays off (sampling and training both ask), the
 memory layout sampling and training run fastest in, and a model copy that spares bf16 sampling its weight casts."""
+import functools
 import os
+import platform
 from copy import deepcopy
 
 import torch
@@ -33,6 +35,30 @@ def amx(device) -> bool:
     return cap in ("", "ALL", "DEFAULT") or "AMX" in cap
 
 
+def bf16_pays_off(device) -> bool:
+    """Whether bf16 autocast is the faster choice on `device` ("auto" precision, sampling and training): native
+    bf16 with AMX, or without AMX on CPUs other than Intel's. Measured without AMX: on a 2-core AMD EPYC bf16
+    trains 1.5x fp32; on an Intel Xeon with AMX capped at AVX512_CORE_BF16 it trains 0.7x fp32, and the web app's
+    4-image batch is slower in bf16 than in fp32 (docs/model_card.md, "Web app latency by stage"), so Intel CPUs
+    whose bf16 runs without AMX stay in fp32. A rule, not a timing probe, so that a seed draws the same images every time."""
+    return amx(device) or (native_bf16(device) and cpu_vendor() != "GenuineIntel")
+
+
+@functools.cache
+def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where unknown): /proc/cpuinfo on Linux, else
+    the last word of platform.processor() (Windows: "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel")."""
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    words = platform.processor().replace(",", " ").split()
+    return words[-1] if words and words[-1].startswith(("Genuine", "Authentic")) else ""
+
+
 # Largest feature map (image size / patch size) at which channels_last sampling was measured faster on AVX512-BF16
 # without AMX (bench/layout.py: 16x16 1.12-1.21x, 32x32 1.06-1.07x; 64x64 0.92-1.00x, i.e. slower): beyond it,
 # NCHW. With AMX channels_last is faster at every size measured (64x64 1.22-1.31x, `bench/layout.py --arch matched
@@ -41,13 +67,13 @@ CHANNELS_LAST_MAX_MAP = 32
 
 
 def sampling_memory_format(device, feature_map: int) -> torch.memory_format:
-    """channels_last where sampling runs in bf16 on the CPU (native bf16), on AMX at any size, on AVX512-BF16 on
+    """channels_last where sampling runs in bf16 on the CPU (bf16_pays_off), on AMX at any size, on AVX512-BF16 on
     feature maps of at most CHANNELS_LAST_MAX_MAP pixels a side; else NCHW. oneDNN's bf16 convolutions are faster
     in channels_last (up to 2x on AVX512-BF16, several times with AMX) and the U-Net keeps the layout
     (models.modules.GroupNorm avoids PyTorch's slow channels_last kernels); without AMX, on larger maps the
     conversions cost more than that gains. A rule, not a timing probe, so that a seed draws the same images in
     every process on one machine (`python bench/layout.py` measures all of it)."""
-    fast = native_bf16(device) and (amx(device) or feature_map <= CHANNELS_LAST_MAX_MAP)
+    fast = bf16_pays_off(device) and (amx(device) or feature_map <= CHANNELS_LAST_MAX_MAP)
     return torch.channels_last if fast else torch.contiguous_format
 
 

@@ -17,6 +17,7 @@ from common import add_output_args, section, table, write_section  # noqa: F401 
 from gradio_client import Client
 
 from guidance import DEFAULT_GUIDANCE, describe_guidance
+from models.cpu import bf16_pays_off
 from samplers import DEFAULT_SAMPLER
 from tests.webserver import web_server
 
@@ -56,6 +57,7 @@ def main(argv=None) -> str:
     body = table(["images", "first preview s", "finished batch s"], rows)
     notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, {describe_guidance(DEFAULT_GUIDANCE)} (the app's default; conditional and "
              "unconditional halves in one batch), "
+             f"the denoiser in {'bf16' if bf16_pays_off('cpu') else 'fp32'} (the app's choice here, `models.cpu.bf16_pays_off`), "
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included).")
     print(body + "\n\n" + notes)

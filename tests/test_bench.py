@@ -145,6 +145,8 @@ def test_web_latency(tmp_path):
     lines = check_table(doc, "web-latency", "images")
     first, total = map(float, lines[2].split("|")[2:4])
     assert len(lines) == 3 and 0 < first <= total
+    precision = "bf16" if web_latency.bf16_pays_off("cpu") else "fp32"
+    assert f"the denoiser in {precision} (the app's choice here" in doc.read_text()
 
 
 def test_threads(tmp_path):

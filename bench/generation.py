@@ -139,8 +139,8 @@ def main(argv=None) -> str:
     notes = (f"Config: {arch.describe()} at {args.size}px ({n_params(model) / 1e6:.2f}M parameters ours, "
              f"{n_params(unet) / 1e6:.2f}M diffusers); DPM-Solver++(2M), {args.steps} steps, guidance {args.guidance}, "
              f"so each step runs the U-Net on 2 x images. Seconds from prompt to PNG files on disk, medians of "
-             f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast on CPUs with "
-             f"native bf16, else fp32) in the layout `Pipeline.load` picks here "
+             f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast "
+             f"where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`, else fp32) in the layout `Pipeline.load` picks here "
              f"({layout_name(layout)}). Our sampler's own work per step "
              "(DPM-Solver++ update, clipping, with a "
              f"denoiser that returns zeros, {max(args.n)} images): {loop_us:.0f} us.")

@@ -28,14 +28,16 @@ def test_default_model_is_a_small_safetensors_file_that_loads_without_a_flag(pip
 
 def test_default_model_draws_the_prompted_emoji_in_the_style_asked_for(pipe, emoji_dir):
     """Asked for the Noto style, it draws the Noto glyph of the name: retrieved among the 1,899 Noto glyphs, a
-    model that ignored the prompt would hit about 5 in 1,900 per image at top-5."""
+    model that ignored the prompt would hit about 5 in 1,900 per image at top-5. Eight images per name, so that
+    one image moves the rate by 1/32, not 1/8: with two per name, stages 16 and 17 got 5 of 8 at seed 0; with
+    eight, stages 15 to 17 get 29, 28 and 27 of 32, with AMX and without (model card, "Training stages")."""
     data = emoji_dataset(32, emoji_dir)
-    names = [n for n in ["red apple", "rocket", "tropical fish", "grinning face"] for _ in range(2)]
+    names = [n for n in ["red apple", "rocket", "tropical fish", "grinning face"] for _ in range(8)]
     images = pipe.generate([with_style(n, "noto") for n in names], DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE,
                            seed=0).float()
     near = nearest_training_images(images, data.images.float() / 127.5 - 1, k=5)
     top5 = adherence(near, names, data.captions)["top5"]
-    assert top5 * len(names) >= 6, top5
+    assert top5 * len(names) >= 24, top5  # 3 in 4, as before
 
 
 @pytest.mark.parametrize("prompt", ["an apple", "a red car"])

@@ -34,7 +34,7 @@ from common import (
 from PIL import Image
 
 from diffusion import GaussianDiffusion
-from models.cpu import native_bf16, sampling_memory_format
+from models.cpu import BF16_RULE, native_bf16, sampling_memory_format
 from models.text_encoder import TextCondition, TextEncoder
 from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8
@@ -140,7 +140,7 @@ def main(argv=None) -> str:
              f"{n_params(unet) / 1e6:.2f}M diffusers); DPM-Solver++(2M), {args.steps} steps, guidance {args.guidance}, "
              f"so each step runs the U-Net on 2 x images. Seconds from prompt to PNG files on disk, medians of "
              f"{args.reps} interleaved rounds. Ours runs its default precision (bf16 autocast "
-             f"where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`, else fp32) in the layout `Pipeline.load` picks here "
+             f"{BF16_RULE}, else fp32) in the layout `Pipeline.load` picks here "
              f"({layout_name(layout)}). Our sampler's own work per step "
              "(DPM-Solver++ update, clipping, with a "
              f"denoiser that returns zeros, {max(args.n)} images): {loop_us:.0f} us.")

@@ -32,7 +32,7 @@ from common import (
 from torch import nn
 from training import forever, our_trainer, training_arguments
 
-from models.cpu import native_bf16, sampling_memory_format, training_memory_format
+from models.cpu import BF16_RULE, native_bf16, sampling_memory_format, training_memory_format
 from models.modules import CHANNELS_LAST_GROUP_NORM_MIN_PIXELS, GroupNorm
 
 CL = torch.channels_last
@@ -151,7 +151,7 @@ def main(argv=None) -> str:
                        "via NCHW ms", "the model's GroupNorm takes"], inference_group_norm_rows(dtype))
     body += f"\n\nGroupNorm without gradient (sampling), 32 groups:\n\n{inference}"
     notes = (f"Config: {ARCHS[args.arch].describe()} at {args.size}px, batch {args.batch}, data `{args.data}`, "
-             "the train command's default precision (bf16 autocast where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`); a full optimizer step "
+             f"the train command's default precision (bf16 autocast {BF16_RULE}); a full optimizer step "
              f"(`Trainer.train_step`), medians of {args.reps} interleaved rounds. \"picked here\": the layout "
              "`Trainer` trains in on this CPU (`models.cpu.training_memory_format`) and `Pipeline.load` samples in "
              "(`models.cpu.sampling_memory_format`).")

@@ -34,7 +34,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import native_bf16
+from models.cpu import BF16_RULE, native_bf16
 from train_config import TrainConfig, autocast_dtype, lr_lambda
 from trainer import Trainer
 
@@ -164,7 +164,7 @@ def main(argv=None) -> str:
              f"Our forward + backward: {flops / args.batch / 1e9:.2f} GFLOP per image (FlopCounterMode). "
              f"Matmul peak measured now: {peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {bf16_peak}. "
              f"Images/s are batch / median step time over {args.reps} interleaved rounds; the ratio is the median "
-             "of the per-round ratios. \"bf16\" is autocast, which `--precision auto` picks where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`; "
+             f"of the per-round ratios. \"bf16\" is autocast, which `--precision auto` picks {BF16_RULE}; "
              "diffusers' training examples default to fp32 (`--mixed_precision no`). \"fused AdamW gain\": our step "
              "with PyTorch's default (foreach) AdamW over ours with the fused one (`train_config.adamw`), interleaved "
              "in the same rounds.")

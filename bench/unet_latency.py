@@ -30,7 +30,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import bf16_layer_copy, native_bf16, sampling_memory_format
+from models.cpu import BF16_RULE, bf16_layer_copy, native_bf16, sampling_memory_format
 
 
 def main(argv=None) -> str:
@@ -114,7 +114,7 @@ def main(argv=None) -> str:
              + "\n".join(f"- {line}" for line in info) +
              "\n\nRatios are ours/diffusers (below 1: ours is faster), medians of the per-round ratios of "
              f"{args.reps} interleaved rounds. \"bf16\" is torch.autocast(\"cpu\", bfloat16); our sampler uses it by "
-             "default where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off` (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
+             f"default {BF16_RULE} (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
              "unless told otherwise, hence the column \"ours default / diffusers default\"; on CPUs without native "
              "bf16 (emulated there, at a fraction of fp32's speed) only fp32 runs." + (
                  f" \"of bf16 peak\": our FLOPs per second in bf16 over the {peak / 1e9:.0f} GFLOP/s of a 2048^3 bf16 "

@@ -30,7 +30,7 @@ def test_default_model_draws_the_prompted_emoji_in_the_style_asked_for(pipe, emo
     """Asked for the Noto style, it draws the Noto glyph of the name: retrieved among the 1,899 Noto glyphs, a
     model that ignored the prompt would hit about 5 in 1,900 per image at top-5. Eight images per name, so that
     one image moves the rate by 1/32, not 1/8: with two per name, stages 16 and 17 got 5 of 8 at seed 0; with
-    eight, stages 15 to 17 get 29, 28 and 27 of 32, with AMX and without (model card, "Training stages")."""
+    eight, stages 15 to 17 get 29, 28 and 27 of 32, with AMX and without (model card, below the FD per source table)."""
     data = emoji_dataset(32, emoji_dir)
     names = [n for n in ["red apple", "rocket", "tropical fish", "grinning face"] for _ in range(8)]
     images = pipe.generate([with_style(n, "noto") for n in names], DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE,

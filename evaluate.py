@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from checkpoints import ModelFileError
-from evaluation import InceptionFeatures, evaluate, markdown_table
+from evaluation import evaluate, markdown_table
 from guidance import add_guidance_arguments, describe_guidance, guidance_from_arguments
+from image_features import InceptionFeatures
 from pipeline import Pipeline
 from preprocess import CaptionedImages, load_dataset
 from samplers import SAMPLERS

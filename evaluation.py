@@ -1,5 +1,4 @@
-"""How good is a trained model? Prompt adherence by retrieval, Fréchet distance to the real images, and
-concept, variety and style scores.
+"""How good is a trained model? Adherence by retrieval, Fréchet distance, and concept, variety and style scores.
 
 Adherence: for each evaluated caption, take the first image drawn for it and find its nearest training
 images in pixel space (L2 on the [-1, 1] images). Top-k counts a hit when one of the k nearest carries the
@@ -8,13 +7,8 @@ retrieval at 16x16 (2x2 average pooling) forgives one-pixel shifts and fine text
 training captions, and held-out rewordings (`CaptionedImages.heldout`: templates and keyword
 combinations never used as training captions), which measure generalisation.
 
-Fréchet distance (FID's formula) between generated and real images in one of two feature spaces:
-- `RandomConvFeatures` (default, offline): a fixed, seeded, untrained conv net. Random conv features
-  still respond to colour, edges and texture statistics (Naeem et al. 2020 use random embeddings for
-  fidelity metrics); `tests/test_evaluation.py` checks that this distance ranks real < blurred < noise.
-  Its values are only comparable with each other, not with published FIDs.
-- `InceptionFeatures` (`--inception-weights PATH`): torchvision's Inception-v3 with ImageNet weights
-  loaded from the user's file, pool3 (2048-d) at 299x299: the usual FID feature space.
+Fréchet distance (FID's formula) between generated and real images in a feature space of `image_features`:
+random conv features (default, offline) or Inception-v3 (`--inception-weights PATH`).
 
 Concept scores (`ConceptRow`) of k images per prompt, in two spaces that do not reward pixel copying alone
 (16 px pooled pixels, and the FD features), each image retrieved against the `Bank`: every training image
@@ -27,25 +21,26 @@ style it names if any.
 - coverage: the share of the answers that are the nearest picture of some image; Naeem et al.'s (2020)
   coverage with each picture's Voronoi cell for its k-NN ball (no k, and defined from 2 pictures up, where
   the k-NN radii of a concept's few pictures mean little).
-- style hit, for prompts that name a style: the share of correct images whose nearest picture is in it.
+- style hit, for prompts that name a style: the share of correct images whose nearest picture is in it; and
+  the share that a `StyleProbe`, fitted on the training pictures, puts in it (style judged apart from concept).
 The real row's k images per prompt are nudged answers: each concept score's ceiling at this k.
 """
 import math
 import re
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 from guidance import Guidance
+from image_features import RandomConvFeatures, features, frechet_distance
 from pipeline import Pipeline
 from preprocess import CaptionedImages
 from sources.captions import STYLE_NAMES
+from style_probe import StyleProbe
 
 STYLE_OF_WORD = {word.lower(): style for style, word in STYLE_NAMES.items()}
 STYLE_WORDS = re.compile(r"\b(" + "|".join(map(re.escape, STYLE_NAMES.values())) + r")\b", re.IGNORECASE)
@@ -53,8 +48,7 @@ STYLE_WORDS = re.compile(r"\b(" + "|".join(map(re.escape, STYLE_NAMES.values()))
 
 @torch.no_grad()
 def nearest_training_images(generated: torch.Tensor, train: torch.Tensor, k: int = 5, pool: int = 1) -> torch.Tensor:
-    """(G, k) indices of the k training images nearest to each generated image (pixel L2, after
-    `pool` x `pool` average pooling)."""
+    """(G, k) indices of the k training images nearest to each generated image (pixel L2, `pool`-average-pooled)."""
     g, t = (F.avg_pool2d(x.float(), pool).flatten(1) for x in (generated, train))
     return torch.cdist(g, t).topk(k, largest=False).indices
 
@@ -63,75 +57,6 @@ def adherence(neighbours: torch.Tensor, prompts: list[str], captions: list[list[
     """Top-1 and top-5 rate at which the retrieved training image carries the prompt."""
     hits = torch.tensor([[prompt in captions[j] for j in row] for prompt, row in zip(prompts, neighbours.tolist())])
     return {"top1": hits[:, 0].float().mean().item(), "top5": hits[:, :5].any(1).float().mean().item()}
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussians fitted to two feature sets."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():  # fewer samples than dimensions make the product singular: expected
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s_a @ s_b)
-        if not np.isfinite(covmean).all():  # regularise, as pytorch-fid does
-            eps = np.eye(len(s_a)) * 1e-6
-            covmean = linalg.sqrtm((s_a + eps) @ (s_b + eps))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
-
-
-class RandomConvFeatures(torch.nn.Module):
-    """Fixed random conv net (seed 0): 3 -> 64 -> 128 -> 256 channels, mean- and max-pooled (512-d)."""
-    space = "random conv"  # its name as a feature space of the concept scores
-
-    def __init__(self, in_channels: int = 3, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        widths = [in_channels, 64, 128, 256]
-        self.convs = torch.nn.ModuleList()
-        for cin, cout in zip(widths, widths[1:]):
-            conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
-            conv.weight.data = torch.randn(conv.weight.shape, generator=g) * (2 / (cin * 9)) ** 0.5
-            conv.bias.data.zero_()
-            self.convs.append(conv)
-        self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True, align_corners=False)
-        for i, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
-            if i < len(self.convs) - 1:
-                x = F.avg_pool2d(x, 2)
-        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=1)
-
-
-class InceptionFeatures(torch.nn.Module):
-    """torchvision Inception-v3 pool3 features (2048-d) from a weights file the user provides (no download)."""
-    space = "Inception-v3"
-
-    def __init__(self, weights_path):
-        super().__init__()
-        from torchvision.models import inception_v3
-        # transform_input=False: the Google weights expect [-1, 1] input, which is what our images are
-        self.net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        try:
-            self.net.load_state_dict(state)
-        except (RuntimeError, AttributeError) as error:
-            raise ValueError(f"{weights_path} is not torchvision Inception-v3 weights "
-                             f"(inception_v3_google-0cc3c7bd.pth): {str(error)[:200]}") from None
-        self.net.fc = torch.nn.Identity()
-        self.requires_grad_(False).eval()
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().expand(-1, 3, -1, -1)
-        return torch.cat([self.net(F.interpolate(xb, size=299, mode="bilinear", align_corners=False))
-                          for xb in x.split(32)])
-
-
-def features(extractor: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """Features of [-1, 1] images, batched."""
-    return torch.cat([extractor(b) for b in images.split(batch)]).double().numpy()
 
 
 # --- concept scores ------------------------------------------------------------------------------
@@ -191,6 +116,8 @@ class Bank:
         vectors = space_vectors(self.images, extractor, self.features)
         self.means = {name: v.mean(0) for name, v in vectors.items()}
         self.vectors = {name: v - self.means[name] for name, v in vectors.items()}
+        self.style_space = getattr(extractor, "space", "features")  # pooled pixels blur the outlines styles differ by
+        self.probe = StyleProbe(self.vectors[self.style_space][:self.trained], self.styles[:self.trained])
         self.by_concept = defaultdict(list)
         for j, concept in enumerate(self.concepts):
             self.by_concept[concept].append(j)
@@ -201,7 +128,7 @@ class Bank:
 
     @torch.no_grad()
     def nearest(self, vectors: torch.Tensor, space: str, chunk: int = 1024) -> torch.Tensor:
-        """Index of the nearest bank picture (L2) to each row of `vectors`, in chunks to bound the distance matrix."""
+        """Index of the nearest bank picture (L2) to each row of `vectors`, chunked to bound the distance matrix."""
         return torch.cat([torch.cdist(v, self.vectors[space]).argmin(1) for v in vectors.split(chunk)])
 
     def prompt(self, text: str, concept: str, source: str) -> ConceptPrompt:
@@ -229,13 +156,16 @@ class Bank:
         return nudged(self.images[[row[r] for r in range(k) for row in picks]])
 
 
-def score_prompt(prompt: ConceptPrompt, nearest: list[int], vectors: torch.Tensor, bank: Bank, space: str) -> dict:
-    """One prompt's k images in one space: concept hits, style hits among them, the Vendi score of the correct ones
-    and of the answers, and the answers' coverage (NaN with fewer than 2, where it would be 0 or 1)."""
+def score_prompt(prompt: ConceptPrompt, nearest: list[int], vectors: torch.Tensor, looks: list[str], bank: Bank,
+                 space: str) -> dict:
+    """One prompt's k images in one space: concept hits, style hits among them (by nearest picture, and by the style
+    each image `looks` to the bank's probe), the Vendi score of the correct ones and of the answers, and the answers'
+    coverage (NaN with fewer than 2, where it would be 0 or 1)."""
     hits = [bank.concepts[j] == prompt.concept for j in nearest]
     correct = vectors[torch.tensor(hits, dtype=torch.bool)]
     return {"images": len(nearest), "hits": sum(hits), "named": prompt.style is not None, "source": prompt.source,
             "style_hits": sum(h and bank.styles[j] == prompt.style for h, j in zip(hits, nearest)),
+            "probe_style_hits": sum(h and s == prompt.style for h, s in zip(hits, looks)),
             "vendi": vendi_score(correct) if len(correct) else math.nan,
             "vendi_real": bank.answers_vendi(prompt, space),
             "coverage": coverage(nearest, prompt.answers) if len(prompt.answers) > 1 else math.nan}
@@ -245,11 +175,13 @@ def set_scores(prompts: list[ConceptPrompt], images: torch.Tensor, bank: Bank) -
     """Each prompt's scores in each space; `images` k-major: row r * len(prompts) + p is prompt p's r-th image."""
     if not prompts:
         return {space: [] for space in bank.vectors}
-    out = {}
-    for space, v in bank.embed(images).items():
+    out, vectors = {}, bank.embed(images)
+    looks = bank.probe(vectors[bank.style_space])
+    looks = [looks[p::len(prompts)] for p in range(len(prompts))]
+    for space, v in vectors.items():
         nearest = bank.nearest(v, space).view(-1, len(prompts)).T.tolist()
         per_prompt = v.view(-1, len(prompts), v.shape[1]).transpose(0, 1)
-        out[space] = [score_prompt(p, n, x, bank, space) for p, n, x in zip(prompts, nearest, per_prompt)]
+        out[space] = [score_prompt(p, n, x, lk, bank, space) for p, n, x, lk in zip(prompts, nearest, per_prompt, looks)]
     return out
 
 
@@ -265,6 +197,7 @@ def summary(scores: list[dict]) -> dict[str, float]:
     share = lambda key, of, ss: sum(s[key] for s in ss) / sum(s[of] for s in ss) if sum(s[of] for s in ss) else math.nan
     varied, named = [s for s in scores if s["hits"]], [s for s in scores if s["named"]]
     return {"concept": share("hits", "images", scores), "style_hit": share("style_hits", "hits", named),
+            "style_probe": share("probe_style_hits", "hits", named),
             "vendi": mean([s["vendi"] for s in varied]), "vendi_real": mean([s["vendi_real"] for s in varied]),
             "vendi_ratio": mean([s["vendi"] / s["vendi_real"] for s in varied]),
             "coverage": mean([s["coverage"] for s in scores])}
@@ -286,6 +219,8 @@ class ConceptRow:
     style_hit: float  # over correct images of prompts naming a style (training captions and rewordings)
     pairs_concept: float  # concept adherence on the held-out (style, group) pairs
     pairs_style_hit: float  # style hit on them
+    style_probe: float  # the share of style_hit's correct images that Bank.probe puts in the named style
+    pairs_style_probe: float  # ... on the held-out pairs
 
 
 def concept_rows(sampler: str, steps: int, sets: dict[str, list[ConceptPrompt]], images: dict[str, torch.Tensor],
@@ -295,10 +230,11 @@ def concept_rows(sampler: str, steps: int, sets: dict[str, list[ConceptPrompt]],
     rows = []
     for space in bank.vectors:
         main, held, pairs = (scores[name][space] for name in ("main", "heldout", "pairs"))
-        m, p, clipart = summary(main), summary(pairs), summary([s for s in held if s["source"] == "clipart"])
+        clipart = [s for s in held if s["source"] == "clipart"]
+        m, p, clipart, named = (summary(s) for s in (main, pairs, clipart, main + held))
         rows.append(ConceptRow(sampler, steps, space, m["concept"], summary(held)["concept"], clipart["concept"],
-                               m["vendi"], m["vendi_real"], m["vendi_ratio"], m["coverage"],
-                               summary(main + held)["style_hit"], p["concept"], p["style_hit"]))
+                               m["vendi"], m["vendi_real"], m["vendi_ratio"], m["coverage"], named["style_hit"],
+                               p["concept"], p["style_hit"], named["style_probe"], p["style_probe"]))
     return rows
 
 
@@ -412,7 +348,8 @@ def evaluate(pipe: Pipeline, data: CaptionedImages, settings: list[tuple[str, in
 CONCEPT_COLUMNS = {"concept": "concept", "heldout_concept": "held-out concept",
                    "clipart_concept": "clip-art held-out concept", "vendi": "Vendi", "vendi_real": "Vendi real",
                    "vendi_ratio": "Vendi ratio", "coverage": "coverage", "style_hit": "style hit",
-                   "pairs_concept": "held-out pairs concept", "pairs_style_hit": "held-out pairs style hit"}
+                   "style_probe": "style hit, probe", "pairs_concept": "held-out pairs concept",
+                   "pairs_style_hit": "held-out pairs style hit", "pairs_style_probe": "held-out pairs style hit, probe"}
 
 
 def cell(value: float, digits: int) -> str:
@@ -420,8 +357,7 @@ def cell(value: float, digits: int) -> str:
 
 
 def concept_table(rows: list[EvalRow]) -> str:
-    """The concept scores, a line per row and space. A column with no value on any line (no clip art, no prompt
-    naming a style, no held-out pairs, no concept with 2 pictures) is left out."""
+    """The concept scores, a line per row and space; columns with no value on any line (no clip art...) left out."""
     lines = [c for r in rows for c in r.concepts]
     columns = [key for key in CONCEPT_COLUMNS if any(not math.isnan(getattr(c, key)) for c in lines)]
     out = ["| sampler | steps | features | " + " | ".join(CONCEPT_COLUMNS[key] for key in columns) + " |",

@@ -10,11 +10,8 @@ from PIL import Image, ImageDraw
 from evaluate import main, parse_settings
 from evaluation import (
     Bank,
-    RandomConvFeatures,
     adherence,
     evaluate,
-    features,
-    frechet_distance,
     markdown_table,
     named_style,
     nearest_training_images,
@@ -22,10 +19,12 @@ from evaluation import (
     summary,
     vendi_score,
 )
+from image_features import RandomConvFeatures, features, frechet_distance
 from pipeline import Pipeline
 from sources.captions import STYLE_NAMES
 from sources.emoji_font import emoji_dataset
 from sources.images import CaptionedImages
+from style_probe import StyleProbe
 from tests.webserver import tiny_model
 
 
@@ -207,6 +206,43 @@ def test_style_hit_is_the_share_of_correct_images_in_the_named_style(bank):
         assert both["style_hit"] == pytest.approx(2 / 3) and both["concept"] == 0.75, "only prompts naming a style count"
 
 
+def drawings(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """`count` Noto-filled and `count` clip-art-outlined shapes at 16 px, each pair in a random colour and place."""
+    g, images, styles = torch.Generator().manual_seed(seed), [], []
+    for i in range(count):
+        colour, at = tuple(torch.randint(0, 200, (3,), generator=g).tolist()), torch.randint(0, 8, (), generator=g).item()
+        for style in ("noto", "clipart"):
+            img = Image.new("RGB", (16, 16), "white")
+            getattr(ImageDraw.Draw(img), ("ellipse", "rectangle")[i % 2])(
+                [at, at, at + 8, at + 8], fill=colour if style == "noto" else None, outline=colour,
+                width=1 if style == "noto" else 2)
+            images.append(torch.from_numpy(np.array(img)).permute(2, 0, 1).float().flatten() / 127.5 - 1)
+            styles.append(style)
+    return torch.stack(images), styles
+
+
+def test_style_probe_tells_a_style_in_colours_and_places_it_was_not_fitted_on():
+    probe = StyleProbe(*drawings(40, seed=0))
+    new, truth = drawings(20, seed=1)
+    assert sum(a == b for a, b in zip(probe(new), truth)) >= 0.9 * len(truth)
+    assert StyleProbe(new[:3], ["noto"] * 3)(new) == ["noto"] * len(new), "one style: every image is in it"
+
+
+def test_probe_style_hit_counts_the_correct_images_the_probe_puts_in_the_named_style(toy):
+    bank = Bank(*toy, RandomConvFeatures())  # its own: the probe is replaced by one that knows the Noto pictures
+    apples, fish = bank.by_concept["red apple"], bank.by_concept["blue fish"]
+    noto = bank.vectors[bank.style_space][[apples[2], fish[2]]]
+    bank.probe = lambda v: ["noto" if (noto - x).abs().amax(1).min() < 1e-4 else "clipart" for x in v]
+    prompts = [bank.prompt("Noto red apple", "red apple", "noto"), bank.prompt("Noto blue fish", "blue fish", "noto")]
+    images = bank.images[[apples[2], fish[0], apples[2], fish[2]]]  # k-major: apple, fish; then apple, fish
+    for space, (apple, fish_scores) in set_scores(prompts, images, bank).items():
+        assert apple["hits"] == fish_scores["hits"] == 2, space
+        assert (apple["probe_style_hits"], fish_scores["probe_style_hits"]) == (2, 1), space
+    wrong = bank.images[[fish[2], apples[0]]]  # a Noto fish for the apple: the probe's "noto" is no style hit
+    for s in set_scores(prompts[:1], wrong, bank).values():
+        assert summary(s)["concept"] == 0.5 and summary(s)["style_probe"] == 0, s
+
+
 def test_evaluate_scores_concepts_styles_and_held_out_pairs_of_a_tiny_model(tmp_path, toy):
     train, pairs = toy
     pipe = Pipeline.load(tiny_model(tmp_path / "tiny.safetensors"), "cpu")
@@ -215,6 +251,7 @@ def test_evaluate_scores_concepts_styles_and_held_out_pairs_of_a_tiny_model(tmp_
     assert [c.space for c in real.concepts] == [c.space for c in model.concepts] == ["16px", "random conv"]
     for c in real.concepts:  # nudged pictures find themselves: the ceiling
         assert c.concept == 1 and c.pairs_concept == 1 and c.pairs_style_hit == 1, c
+        assert 0 <= c.style_probe <= 1 and 0 <= c.pairs_style_probe <= 1, c
         assert 2 / 3 - 1e-9 <= c.coverage < 1, "2 distinct images for the 2 or 3 pictures of each concept"
     for c in model.concepts:
         shares = [c.concept, c.heldout_concept, c.clipart_concept, c.pairs_concept, c.coverage]
@@ -223,6 +260,7 @@ def test_evaluate_scores_concepts_styles_and_held_out_pairs_of_a_tiny_model(tmp_
     assert model.seconds_per_image > 0
     table = markdown_table([real, model], "FD")
     assert "| clip-art held-out concept |" in table and "| held-out pairs style hit |" in table
+    assert "| style hit, probe |" in table and "| held-out pairs style hit, probe |" in table
 
 
 def test_settings_are_parsed_or_refused_clearly():

@@ -22,7 +22,8 @@ style it names if any.
   coverage with each picture's Voronoi cell for its k-NN ball (no k, and defined from 2 pictures up, where
   the k-NN radii of a concept's few pictures mean little).
 - style hit, for prompts that name a style: the share of correct images whose nearest picture is in it; and
-  the share that a `StyleProbe`, fitted on the training pictures, puts in it (style judged apart from concept).
+  the share that a `StyleProbe`, fitted on the training pictures (and jittered copies), puts in it: style judged
+  apart from concept.
 The real row's k images per prompt are nudged answers: each concept score's ceiling at this k.
 """
 import math
@@ -117,7 +118,9 @@ class Bank:
         self.means = {name: v.mean(0) for name, v in vectors.items()}
         self.vectors = {name: v - self.means[name] for name, v in vectors.items()}
         self.style_space = getattr(extractor, "space", "features")  # pooled pixels blur the outlines styles differ by
-        self.probe = StyleProbe(self.vectors[self.style_space][:self.trained], self.styles[:self.trained])
+        seen = self.images[:self.trained]  # and a jittered copy, so that no tint or one-pixel shift decides the style
+        looks = [self.vectors[self.style_space][:self.trained], self.embed(jittered(seen))[self.style_space]]
+        self.probe = StyleProbe(torch.cat(looks), self.styles[:self.trained] * 2)
         self.by_concept = defaultdict(list)
         for j, concept in enumerate(self.concepts):
             self.by_concept[concept].append(j)
@@ -259,6 +262,16 @@ def nudged(images: torch.Tensor) -> torch.Tensor:
     Their retrieval rate is the ceiling a model can reach on this metric (unmoved, they would find themselves)."""
     cast = torch.tensor([0.04, -0.03, 0.02][: images.shape[1]]).view(1, -1, 1, 1)
     return (0.95 * torch.roll(images, shifts=(1, 1), dims=(2, 3)) + cast).clamp(-1, 1)
+
+
+def jittered(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Each image rolled by up to a pixel each way, its contrast scaled by 0.9 to 1 and each channel shifted by up to
+    0.05 (seeded): the kind of change `nudged` makes, at random."""
+    g = torch.Generator().manual_seed(seed)
+    shifts = torch.randint(-1, 2, (len(images), 2), generator=g).tolist()
+    rolled = torch.stack([torch.roll(x, tuple(s), dims=(1, 2)) for x, s in zip(images, shifts)])
+    contrast = 0.9 + 0.1 * torch.rand(len(images), 1, 1, 1, generator=g)
+    return (contrast * rolled + 0.1 * torch.rand(len(images), images.shape[1], 1, 1, generator=g) - 0.05).clamp(-1, 1)
 
 
 def heldout_prompts(data: CaptionedImages, pick: list[int], seed: int) -> list[tuple[int, str]]:

@@ -12,6 +12,7 @@ from evaluation import (
     Bank,
     adherence,
     evaluate,
+    jittered,
     markdown_table,
     named_style,
     nearest_training_images,
@@ -226,6 +227,18 @@ def test_style_probe_tells_a_style_in_colours_and_places_it_was_not_fitted_on():
     new, truth = drawings(20, seed=1)
     assert sum(a == b for a, b in zip(probe(new), truth)) >= 0.9 * len(truth)
     assert StyleProbe(new[:3], ["noto"] * 3)(new) == ["noto"] * len(new), "one style: every image is in it"
+
+
+def test_jittered_images_move_at_most_a_pixel_and_a_little_in_contrast_and_tint():
+    flat = torch.full((64, 3, 8, 8), 0.5)
+    out = jittered(flat)
+    assert torch.equal(out, jittered(flat)) and not torch.equal(out, jittered(flat, seed=1)), "seeded"
+    assert (out.amax((2, 3)) == out.amin((2, 3))).all(), "a flat image stays flat: a roll moves pixels, no more"
+    assert out.min() >= 0.9 * 0.5 - 0.05 and out.max() <= 0.5 + 0.05 and out.std() > 0.01
+    dot = torch.zeros(1, 1, 8, 8)
+    dot[0, 0, 4, 4] = 1
+    peaks = [divmod(jittered(dot, seed).flatten().argmax().item(), 8) for seed in range(20)]
+    assert all(abs(r - 4) <= 1 and abs(c - 4) <= 1 for r, c in peaks) and len(set(peaks)) > 1
 
 
 def test_probe_style_hit_counts_the_correct_images_the_probe_puts_in_the_named_style(toy):

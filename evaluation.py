@@ -118,9 +118,10 @@ class Bank:
         self.means = {name: v.mean(0) for name, v in vectors.items()}
         self.vectors = {name: v - self.means[name] for name, v in vectors.items()}
         self.style_space = getattr(extractor, "space", "features")  # pooled pixels blur the outlines styles differ by
-        seen = self.images[:self.trained]  # and a jittered copy, so that no tint or one-pixel shift decides the style
-        looks = [self.vectors[self.style_space][:self.trained], self.embed(jittered(seen))[self.style_space]]
-        self.probe = StyleProbe(torch.cat(looks), self.styles[:self.trained] * 2)
+        styles, looks = self.styles[:self.trained], [self.vectors[self.style_space][:self.trained]]
+        if len(set(styles)) > 1:  # and a jittered copy, so that no tint or one-pixel shift decides the style
+            looks.append(self.embed(jittered(self.images[:self.trained]))[self.style_space])
+        self.probe = StyleProbe(torch.cat(looks), styles * len(looks))
         self.by_concept = defaultdict(list)
         for j, concept in enumerate(self.concepts):
             self.by_concept[concept].append(j)

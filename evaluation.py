@@ -234,9 +234,9 @@ def concept_rows(sampler: str, steps: int, sets: dict[str, list[ConceptPrompt]],
     rows = []
     for space in bank.vectors:
         main, held, pairs = (scores[name][space] for name in ("main", "heldout", "pairs"))
-        clipart = [s for s in held if s["source"] == "clipart"]
-        m, p, clipart, named = (summary(s) for s in (main, pairs, clipart, main + held))
-        rows.append(ConceptRow(sampler, steps, space, m["concept"], summary(held)["concept"], clipart["concept"],
+        clip_art = [s for s in held if s["source"] == "clipart"]
+        m, h, c, p, named = (summary(s) for s in (main, held, clip_art, pairs, main + held))
+        rows.append(ConceptRow(sampler, steps, space, m["concept"], h["concept"], c["concept"],
                                m["vendi"], m["vendi_real"], m["vendi_ratio"], m["coverage"], named["style_hit"],
                                p["concept"], p["style_hit"], named["style_probe"], p["style_probe"]))
     return rows

@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import add_output_args, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
+import torch
+from common import add_output_args, matmul_peak, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
 from gradio_client import Client
 
 from guidance import DEFAULT_GUIDANCE, describe_guidance
@@ -43,8 +44,15 @@ def main(argv=None) -> str:
     p.add_argument("--n", type=int, nargs="+", default=[1, 4], help="batch sizes")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--peak-seconds", type=float, default=3.0,
+                   help="time spent measuring the matmul peak before and after the requests")
     add_output_args(p)
     args = p.parse_args(argv)
+    bf16 = bf16_pays_off("cpu")
+    precision = "bf16" if bf16 else "fp32"
+    # The host's own speed, before and after: shared machines drift by up to 2x over a day, and this tells a
+    # slow host from a slow model.
+    peak_before = matmul_peak(torch.bfloat16 if bf16 else torch.float32, seconds=args.peak_seconds) / 1e9
     rows = []
     with tempfile.TemporaryDirectory() as tmp, web_server(args.checkpoint, Path(tmp) / "out") as url:
         client = Client(url, verbose=False)
@@ -54,12 +62,15 @@ def main(argv=None) -> str:
             first, total = (statistics.median(t[i] for t in times) for i in (0, 1))
             rows.append([n, f"{first:.2f}", f"{total:.2f}"])
             print(rows[-1])
+    peak_after = matmul_peak(torch.bfloat16 if bf16 else torch.float32, seconds=args.peak_seconds) / 1e9
     body = table(["images", "first preview s", "finished batch s"], rows)
     notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, {describe_guidance(DEFAULT_GUIDANCE)} (the app's default; conditional and "
              "unconditional halves in one batch), "
-             f"the denoiser in {'bf16' if bf16_pays_off('cpu') else 'fp32'} (the app's choice here, `models.cpu.bf16_pays_off`), "
+             f"the denoiser in {precision} (the app's choice here, `models.cpu.bf16_pays_off`), "
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
-             "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included).")
+             "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included). "
+             f"The host's {precision} matrix-product peak in this run (`bench/common.py`'s `matmul_peak`, 2048^3): "
+             f"{peak_before:.0f} GFLOP/s before the requests, {peak_after:.0f} after.")
     print(body + "\n\n" + notes)
     if args.write:
         write_section("web-latency", section("Web app latency (shipped model)", body, notes), args.doc)

@@ -1,4 +1,5 @@
 """Smoke test: every benchmark script runs at tiny sizes and writes its markdown table."""
+import re
 import sys
 from pathlib import Path
 
@@ -141,12 +142,16 @@ def test_web_latency(tmp_path):
     from tests.webserver import tiny_model
     doc = tmp_path / "bench.md"
     ckpt = tiny_model(tmp_path / "tiny.safetensors")
-    web_latency.main(["--checkpoint", str(ckpt), "--n", "2", "--steps", "3", "--rounds", "1", "--write", "--doc", str(doc)])
+    web_latency.main(["--checkpoint", str(ckpt), "--n", "2", "--steps", "3", "--rounds", "1", "--peak-seconds", "0.1",
+                      "--write", "--doc", str(doc)])
     lines = check_table(doc, "web-latency", "images")
     first, total = map(float, lines[2].split("|")[2:4])
     assert len(lines) == 3 and 0 < first <= total
     precision = "bf16" if web_latency.bf16_pays_off("cpu") else "fp32"
-    assert f"the denoiser in {precision} (the app's choice here" in doc.read_text()
+    text = doc.read_text()
+    assert f"the denoiser in {precision} (the app's choice here" in text
+    peaks = re.search(rf"host's {precision} matrix-product peak in this run .*?: (\d+) GFLOP/s before the requests, (\d+) after", text)
+    assert peaks and all(int(g) > 0 for g in peaks.groups())
 
 
 def test_threads(tmp_path):

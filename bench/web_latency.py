@@ -48,11 +48,10 @@ def main(argv=None) -> str:
                    help="time spent measuring the matmul peak before and after the requests")
     add_output_args(p)
     args = p.parse_args(argv)
-    bf16 = bf16_pays_off("cpu")
-    precision = "bf16" if bf16 else "fp32"
+    precision, dtype = ("bf16", torch.bfloat16) if bf16_pays_off("cpu") else ("fp32", torch.float32)
     # The host's own speed, before and after: shared machines drift by up to 2x over a day, and this tells a
     # slow host from a slow model.
-    peak_before = matmul_peak(torch.bfloat16 if bf16 else torch.float32, seconds=args.peak_seconds) / 1e9
+    peak_before = matmul_peak(dtype, seconds=args.peak_seconds) / 1e9
     rows = []
     with tempfile.TemporaryDirectory() as tmp, web_server(args.checkpoint, Path(tmp) / "out") as url:
         client = Client(url, verbose=False)
@@ -62,7 +61,7 @@ def main(argv=None) -> str:
             first, total = (statistics.median(t[i] for t in times) for i in (0, 1))
             rows.append([n, f"{first:.2f}", f"{total:.2f}"])
             print(rows[-1])
-    peak_after = matmul_peak(torch.bfloat16 if bf16 else torch.float32, seconds=args.peak_seconds) / 1e9
+    peak_after = matmul_peak(dtype, seconds=args.peak_seconds) / 1e9
     body = table(["images", "first preview s", "finished batch s"], rows)
     notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, {describe_guidance(DEFAULT_GUIDANCE)} (the app's default; conditional and "
              "unconditional halves in one batch), "

@@ -170,7 +170,6 @@ def test_threads(tmp_path):
 def test_every_number_in_the_benchmark_summary_comes_from_a_measured_table():
     """The summary quotes results; each number in its result column must appear in a table written by a
     command (a bench section of benchmarks.md, or an evaluate.py output in docs/evaluation*.md)."""
-    import re
     docs = ROOT / "docs"
     text = (docs / "benchmarks.md").read_text()
     summary = text.split("<!-- summary -->")[1].split("<!-- /summary -->")[0]

@@ -22,6 +22,8 @@ from models.text_encoder import TextCondition, collate  # noqa: E402
 from models.unet import ConditionalUNet, UNetConfig  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
+# How the benchmarks' notes state `models.cpu.bf16_pays_off`'s rule.
+BF16_RULE = "where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`"
 LOAD_AT_START = os.getloadavg()[0]  # other processes competing for the cores skew every timing
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from common import (
     ARCHS,
+    BF16_RULE,
     DiffusersDenoiser,
     add_output_args,
     interleaved,
@@ -34,7 +35,7 @@ from common import (
 from PIL import Image
 
 from diffusion import GaussianDiffusion
-from models.cpu import BF16_RULE, native_bf16, sampling_memory_format
+from models.cpu import native_bf16, sampling_memory_format
 from models.text_encoder import TextCondition, TextEncoder
 from pipeline import Pipeline
 from plot_func import save_png, to_pil, to_uint8

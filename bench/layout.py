@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     ARCHS,
+    BF16_RULE,
     autocast,
     interleaved,
     layout_name,
@@ -32,7 +33,7 @@ from common import (
 from torch import nn
 from training import forever, our_trainer, training_arguments
 
-from models.cpu import BF16_RULE, native_bf16, sampling_memory_format, training_memory_format
+from models.cpu import native_bf16, sampling_memory_format, training_memory_format
 from models.modules import CHANNELS_LAST_GROUP_NORM_MIN_PIXELS, GroupNorm
 
 CL = torch.channels_last

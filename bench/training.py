@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     ARCHS,
+    BF16_RULE,
     DiffusersDenoiser,
     add_output_args,
     autocast,
@@ -34,7 +35,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import BF16_RULE, native_bf16
+from models.cpu import native_bf16
 from train_config import TrainConfig, autocast_dtype, lr_lambda
 from trainer import Trainer
 

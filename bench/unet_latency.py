@@ -13,6 +13,7 @@ import copy
 import torch
 from common import (
     ARCHS,
+    BF16_RULE,
     DiffusersDenoiser,
     add_output_args,
     autocast,
@@ -30,7 +31,7 @@ from common import (
     write_section,
 )
 
-from models.cpu import BF16_RULE, bf16_layer_copy, native_bf16, sampling_memory_format
+from models.cpu import bf16_layer_copy, native_bf16, sampling_memory_format
 
 
 def main(argv=None) -> str:

@@ -44,10 +44,6 @@ def bf16_pays_off(device) -> bool:
     return amx(device) or (native_bf16(device) and cpu_vendor() != "GenuineIntel")
 
 
-# How the benchmarks' notes state bf16_pays_off's rule.
-BF16_RULE = "where it pays off: with AMX, or AVX512-BF16 on CPUs other than Intel's, `models.cpu.bf16_pays_off`"
-
-
 @functools.cache
 def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...; "" where unknown): /proc/cpuinfo on Linux, else

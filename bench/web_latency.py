@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_output_args, matmul_peak, section, table, write_section  # noqa: F401 (sets sys.path, HF offline)
+from common import (  # first: sets sys.path, HF offline
+    PEAK_N,
+    add_output_args,
+    matmul_peak,
+    section,
+    table,
+    write_section,
+)
 from gradio_client import Client
 
 from guidance import DEFAULT_GUIDANCE, describe_guidance
@@ -68,7 +75,7 @@ def main(argv=None) -> str:
              f"the denoiser in {precision} (the app's choice here, `models.cpu.bf16_pays_off`), "
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included). "
-             f"The host's {precision} matrix-product peak in this run (`bench/common.py`'s `matmul_peak`, 2048^3): "
+             f"The host's {precision} matrix-product peak in this run (`bench/common.py`'s `matmul_peak`, {PEAK_N}^3): "
              f"{peak_before:.0f} GFLOP/s before the requests, {peak_after:.0f} after.")
     print(body + "\n\n" + notes)
     if args.write:

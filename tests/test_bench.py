@@ -167,6 +167,18 @@ def test_threads(tmp_path):
     assert all(float(ms) > 0 for line in lines[2:] for ms in line.split("|")[2:4])
 
 
+def test_sampler_threads(tmp_path):
+    import sampler_threads
+
+    from tests.webserver import tiny_model
+    doc = tmp_path / "bench.md"
+    ckpt = tiny_model(tmp_path / "tiny.safetensors")
+    sampler_threads.main(["--checkpoint", str(ckpt), "--rounds", "1", "--write", "--doc", str(doc)])
+    lines = check_table(doc, "sampler-threads", "sampling on")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == sampler_threads.WAYS
+    assert all(float(s) > 0 for line in lines[2:] for s in line.split("|")[2:4])
+
+
 def test_every_number_in_the_benchmark_summary_comes_from_a_measured_table():
     """The summary quotes results; each number in its result column must appear in a table written by a
     command (a bench section of benchmarks.md, or an evaluate.py output in docs/evaluation*.md)."""

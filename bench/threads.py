@@ -85,7 +85,7 @@ def main(argv=None) -> str:
         rows.append([label, f"{default_ms:.1f}", f"{passive_ms:.1f}", f"**{default_ms / passive_ms:.2f}x**"])
         print(rows[-1])
     body = table(["other cores", "OpenMP default ms", "PASSIVE ms", "PASSIVE speed"], rows)
-    notes = (f"One denoiser call of the shipped model at batch {args.batch}, torch's default thread count, medians of "
+    notes = (f"One fp32 denoiser call (no autocast) of the shipped model at batch {args.batch}, torch's default thread count, medians of "
              f"{args.calls} calls in each of {args.rounds} child processes per setting, settings interleaved. "
              "web.py sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it.")
     text = section("OpenMP waiting beside a busy core (shipped model)", body, notes)

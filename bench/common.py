@@ -3,6 +3,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -143,6 +144,19 @@ def median(xs) -> float:
 def ratio_of_medians(a: list[float], b: list[float]) -> float:
     """Median of the per-round ratios a/b (paired samples of interleaved runs)."""
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+# OpenMP's ways of waiting at a barrier that bench/threads.py and bench/sampler_threads.py compare (web.py: PASSIVE)
+WAIT_POLICIES = {"OpenMP default": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}
+
+
+def run_child(script: str, child_args: list[str], policy: str | None, timeout_s: float = 1200) -> str:
+    """stdout of `python script --child *child_args` in a process of its own, with OMP_WAIT_POLICY=policy (None:
+    OpenMP's default) and torch's default thread count: OpenMP reads both only when torch loads."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env.update({"OMP_WAIT_POLICY": policy} if policy else {})
+    cmd = [sys.executable, script, "--child", *child_args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=True).stdout
 
 
 PEAK_N = 2048  # side of the square matrices matmul_peak multiplies (the notes quote it)

@@ -8,16 +8,12 @@ rows come first, because once a second thread has run torch's OpenMP loops every
     python bench/sampler_threads.py [--checkpoint CKPT] [--rounds 3]
 """
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
-from common import add_output_args, report, table  # (sets sys.path, HF offline)
+from common import WAIT_POLICIES, add_output_args, report, run_child, table  # (sets sys.path, HF offline)
 
-POLICIES = {"OpenMP default": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}
 WAYS = ["main thread, 2 torch threads", "main thread, 1 torch thread", "a new thread per call, 2 torch threads"]
 
 
@@ -57,16 +53,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.child:
         return child(args.checkpoint, args.rounds)
-    columns = []
-    for policy in POLICIES.values():
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-        env.update({"OMP_WAIT_POLICY": policy} if policy else {})
-        cmd = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
-        cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200, check=True).stdout
-        columns.append([float(s) for s in out.split()[-len(WAYS):]])
+    child_args = ["--rounds", str(args.rounds)] + (["--checkpoint", args.checkpoint] if args.checkpoint else [])
+    columns = [[float(s) for s in run_child(__file__, child_args, policy).split()[-len(WAYS):]]
+               for policy in WAIT_POLICIES.values()]
     rows = [[way, *(f"{col[i]:.2f}" for col in columns)] for i, way in enumerate(WAYS)]
-    body = table(["sampling on", *(f"{name} s" for name in POLICIES)], rows)
+    body = table(["sampling on", *(f"{name} s" for name in WAIT_POLICIES)], rows)
     notes = (f"The shipped model (or --checkpoint), 4 images of \"red apple\" with `Pipeline.generate`'s defaults (the "
              f"app's sampler, steps, guidance and precision), no web server; medians of {args.rounds} generations "
              "after a warm-up, each policy in its own process. web.py sets OMP_WAIT_POLICY=PASSIVE unless the "

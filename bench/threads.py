@@ -16,9 +16,15 @@ import subprocess
 import sys
 import time
 
-from common import add_output_args, random_condition, section, table, write_section  # (sets sys.path, HF offline)
+from common import (  # first: sets sys.path, HF offline
+    WAIT_POLICIES,
+    add_output_args,
+    random_condition,
+    report,
+    run_child,
+    table,
+)
 
-POLICIES = {"OpenMP default": None, "OMP_WAIT_POLICY=PASSIVE": "PASSIVE"}
 BUSY = "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a"
 
 
@@ -41,13 +47,9 @@ def child(checkpoint, batch: int, calls: int) -> None:
 
 
 def timed(policy, args) -> float:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
-    cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--calls", str(args.calls)]
-    cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=True).stdout
-    return float(out.split()[-1])
+    child_args = ["--batch", str(args.batch), "--calls", str(args.calls)]
+    child_args += ["--checkpoint", args.checkpoint] if args.checkpoint else []
+    return float(run_child(__file__, child_args, policy, timeout_s=600).split()[-1])
 
 
 def measure(args, busy: int) -> list[float]:
@@ -55,11 +57,11 @@ def measure(args, busy: int) -> list[float]:
     loads = [subprocess.Popen([sys.executable, "-c", BUSY], env={**os.environ, "OMP_NUM_THREADS": "1"})
              for _ in range(busy)]
     try:
-        runs = {name: [] for name in POLICIES}
+        runs = {name: [] for name in WAIT_POLICIES}
         for _ in range(args.rounds):
-            for name, policy in POLICIES.items():
+            for name, policy in WAIT_POLICIES.items():
                 runs[name].append(timed(policy, args))
-        return [statistics.median(runs[name]) for name in POLICIES]
+        return [statistics.median(runs[name]) for name in WAIT_POLICIES]
     finally:
         for p in loads:
             p.kill()
@@ -85,14 +87,11 @@ def main(argv=None) -> str:
         rows.append([label, f"{default_ms:.1f}", f"{passive_ms:.1f}", f"**{default_ms / passive_ms:.2f}x**"])
         print(rows[-1])
     body = table(["other cores", "OpenMP default ms", "PASSIVE ms", "PASSIVE speed"], rows)
-    notes = (f"One fp32 denoiser call (no autocast) of the shipped model at batch {args.batch}, torch's default thread count, medians of "
-             f"{args.calls} calls in each of {args.rounds} child processes per setting, settings interleaved. "
-             "web.py sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it.")
-    text = section("OpenMP waiting beside a busy core (shipped model)", body, notes)
-    if args.write:
-        write_section("threads", text, args.doc)
-    print(text)
-    return text
+    notes = (f"One fp32 denoiser call (no autocast) of the shipped model at batch {args.batch}, torch's default "
+             f"thread count, medians of {args.calls} calls in each of {args.rounds} child processes per setting, "
+             "settings interleaved. web.py sets OMP_WAIT_POLICY=PASSIVE unless the environment sets it.")
+    report(args, "threads", "OpenMP waiting beside a busy core (shipped model)", body, notes)
+    return body
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ def main(argv=None) -> str:
              f"default {BF16_RULE} (`diffusion.sample(..., precision=\"auto\")`), diffusers runs fp32 "
              "unless told otherwise, hence the column \"ours default / diffusers default\"; on CPUs without native "
              "bf16 (emulated there, at a fraction of fp32's speed) only fp32 runs." + (
-                 f" \"of bf16 peak\": our FLOPs per second in bf16 over the {peak / 1e9:.0f} GFLOP/s of a {PEAK_N}^3 bf16 "
-                 "matrix product measured in the same run." if bf16 else "") + (
+                 f" \"of bf16 peak\": our FLOPs per second in bf16 over the {peak / 1e9:.0f} GFLOP/s of a "
+                 f"{PEAK_N}^3 bf16 matrix product measured in the same run." if bf16 else "") + (
                  f" Ours in bf16 runs in the memory layout our sampler puts the model in on this CPU "
                  f"(`models.cpu.sampling_memory_format`: {', '.join(layouts)}), in fp32 in NCHW; with its convolution "
                  "and linear weights cast to bf16 once, as `Pipeline.sampling_model` does (`models.cpu.bf16_layer_copy`: "

@@ -18,9 +18,8 @@ from common import (  # first: sets sys.path, HF offline
     PEAK_N,
     add_output_args,
     matmul_peak,
-    section,
+    report,
     table,
-    write_section,
 )
 from gradio_client import Client
 
@@ -77,9 +76,7 @@ def main(argv=None) -> str:
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included). "
              f"The host's {precision} matrix-product peak in this run (`bench/common.py`'s `matmul_peak`, {PEAK_N}^3): "
              f"{peak_before:.0f} GFLOP/s before the requests, {peak_after:.0f} after.")
-    print(body + "\n\n" + notes)
-    if args.write:
-        write_section("web-latency", section("Web app latency (shipped model)", body, notes), args.doc)
+    report(args, "web-latency", "Web app latency (shipped model)", body, notes)
     return body
 
 

@@ -55,6 +55,7 @@ from web_checks import (  # noqa: F401 (MAX_PROMPT_CHARS: re-exported for caller
 )
 from web_guard import LoginThrottle, WebGuard, parse_auth
 from web_results import READ_WITHIN_S, Job, Unread, display_scale, morph_frames, save_results, stream_generation
+from web_threads import choose_sampling_threads
 
 MAX_UPLOAD = "1mb"  # the editors send PNGs of at most 512x512; uploads are never served back
 EDITOR_CANVAS = (512, 512)  # pictures are fitted into this canvas in the browser, before they are sent
@@ -423,9 +424,8 @@ def main(argv=None) -> None:
     except ModelFileError as error:
         raise SystemExit(f"error: cannot load a model: {error}") from None
     out_dir = Path(args.out_dir).resolve()
-    # Gradio's cache (whatever is sent to its upload route, and in RESULT_COPIES its copies of our results) lies
-    # beside the output folder, outside allowed_paths: Gradio serves nothing there as a page, and WebGuard serves
-    # only the PNGs and GIFs of the output folder and of RESULT_COPIES, as images (never an upload)
+    # Gradio's cache (uploads; in RESULT_COPIES its copies of our results) lies beside the output folder, outside
+    # allowed_paths: served by WebGuard alone, only PNGs and GIFs of the output folder and RESULT_COPIES, as images
     cache_dir = out_dir.with_name(f"{out_dir.name}-cache")
     os.environ["GRADIO_TEMP_DIR"] = str(cache_dir)
     copies = cache_dir / RESULT_COPIES
@@ -439,6 +439,7 @@ def main(argv=None) -> None:
         from web_mcp import serve_tools_with_pictures
         serve_tools_with_pictures()
     print(f"model: {pipe.info.get('path')} ({pipe.info.get('parameters', 0) / 1e6:.1f}M parameters)")
+    choose_sampling_threads(pipe)  # timed on the app's work, before the first user's (web_threads.py)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                allowed_paths=[str(out_dir)], show_error=False, max_file_size=MAX_UPLOAD, mcp_server=args.mcp,
                state_session_capacity=MAX_SESSIONS,

@@ -1,5 +1,6 @@
 """The web app against a real server on 127.0.0.1, through gradio_client (the browser test is apart)."""
 import math
+import re
 import time
 
 import httpx
@@ -27,6 +28,11 @@ def client(server):
 
 def pixels(gallery) -> list[np.ndarray]:
     return [np.asarray(Image.open(item["image"])) for item in gallery]
+
+
+def test_the_server_chose_its_torch_thread_count_before_serving(server):
+    assert re.search(r"^torch threads: \d+ \((OMP_NUM_THREADS|one core)\)$|^torch threads: \d+, the fastest for 4 images",
+                     server.log_text(), re.M), server.log_text()[-2000:]
 
 
 def test_same_seed_same_images_and_the_gif_has_one_frame_per_streamed_preview(client):

@@ -8,6 +8,7 @@ request, then --rounds rounds; medians. Includes the HTTP/queue round trips a br
     python bench/web_latency.py                 # shipped model, 1 and 4 images
 """
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -26,7 +27,7 @@ from gradio_client import Client
 from guidance import DEFAULT_GUIDANCE, describe_guidance
 from models.cpu import bf16_pays_off
 from samplers import DEFAULT_SAMPLER
-from tests.webserver import web_server
+from tests.webserver import start_server
 
 
 def timed_request(client: Client, n: int, steps: int, seed: int, timeout_s: float = 300) -> tuple[float, float]:
@@ -59,14 +60,15 @@ def main(argv=None) -> str:
     # slow host from a slow model.
     peak_before = matmul_peak(dtype, seconds=args.peak_seconds) / 1e9
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, web_server(args.checkpoint, Path(tmp) / "out") as url:
-        client = Client(url, verbose=False)
+    with tempfile.TemporaryDirectory() as tmp, start_server(args.checkpoint, Path(tmp) / "out") as server:
+        client = Client(server.url, verbose=False)
         timed_request(client, 1, args.steps, 0)  # warm-up: first-call allocations, caches
         for n in args.n:
             times = [timed_request(client, n, args.steps, seed) for seed in range(1, args.rounds + 1)]
             first, total = (statistics.median(t[i] for t in times) for i in (0, 1))
             rows.append([n, f"{first:.2f}", f"{total:.2f}"])
             print(rows[-1])
+        threads = re.search(r"^torch threads: .*$", server.log_text(), re.M)  # its choice (web_threads.py)
     peak_after = matmul_peak(dtype, seconds=args.peak_seconds) / 1e9
     body = table(["images", "first preview s", "finished batch s"], rows)
     notes = (f"{DEFAULT_SAMPLER} (the app's default sampler), {args.steps} steps, {describe_guidance(DEFAULT_GUIDANCE)} (the app's default; conditional and "
@@ -75,7 +77,8 @@ def main(argv=None) -> str:
              f"prompt \"red apple\"; medians of {args.rounds} requests after a warm-up, through gradio_client "
              "against web.py on 127.0.0.1 (queue, HTTP and writing PNGs and the GIF included). "
              f"The host's {precision} matrix-product peak in this run (`bench/common.py`'s `matmul_peak`, {PEAK_N}^3): "
-             f"{peak_before:.0f} GFLOP/s before the requests, {peak_after:.0f} after.")
+             f"{peak_before:.0f} GFLOP/s before the requests, {peak_after:.0f} after. The server's log: "
+             f"\"{threads.group(0) if threads else 'no torch thread count'}\".")
     report(args, "web-latency", "Web app latency (shipped model)", body, notes)
     return body
 

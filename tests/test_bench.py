@@ -152,6 +152,7 @@ def test_web_latency(tmp_path):
     assert f"the denoiser in {precision} (the app's choice here" in text
     peaks = re.search(rf"host's {precision} matrix-product peak in this run .*?: (\d+) GFLOP/s before the requests, (\d+) after", text)
     assert peaks and all(int(g) > 0 for g in peaks.groups())
+    assert re.search(r'The server\'s log: "torch threads: \d+', text)  # the thread count it chose
 
 
 def test_threads(tmp_path):

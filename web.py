@@ -22,8 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the text encoder ships with its package: never reach a hub
-# It shares its cores: beside a busy torch process, OpenMP's spin-waits made a denoiser call 2x slower
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (bench/threads.py); read when torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spin-waits beside a busy process: 2x slower (bench/threads.py)
 
 import gradio as gr
 import torch

@@ -208,11 +208,13 @@ class LaunchRecorder:
 def launch_flags(monkeypatch, tmp_path, *argv) -> dict:
     class FakePipe:
         info = {"path": "tiny", "parameters": 1}
-    recorder = LaunchRecorder()
-    monkeypatch.setattr(web.Pipeline, "load", staticmethod(lambda *a, **k: FakePipe()))
+    recorder, pipe, probed = LaunchRecorder(), FakePipe(), []
+    monkeypatch.setattr(web.Pipeline, "load", staticmethod(lambda *a, **k: pipe))
     monkeypatch.setattr(web, "build_app", lambda *a, **k: recorder)
+    monkeypatch.setattr(web, "choose_sampling_threads", probed.append)  # the thread probe: tests/test_web_threads.py
     monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
     web.main(["--out-dir", str(tmp_path / "out"), *argv])
+    assert probed == [pipe]  # the loaded model's thread count was chosen, once
     return recorder.kwargs
 
 

@@ -3,9 +3,10 @@ own work (a short 4-image generation on a new thread, as web_results samples), u
 
 Why measure: web.py lets OpenMP's threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE, so that a busy
 neighbour does not slow sampling 2x), and a team of threads then pays a wake-up at every one of a step's many small
-regions. On a 2-core AMD EPYC the app's 4 images took 2.42-2.44 s with one torch thread against 2.92-3.02 s with
-two (`OMP_NUM_THREADS=1 python bench/web_latency.py`, alternating runs). Where the matrix work outweighs the
-wake-ups (a larger model, AMX, more cores) more threads may win; so the server measures rather than assumes.
+regions. On a 2-core AMD EPYC the shipped model's 4 images took 2.82 and 2.90 s with the one thread this probe
+chose there against 3.75 s with two (`python bench/web_latency.py`, then with `OMP_NUM_THREADS=2`; model card,
+"Next steps"). Where the matrix work outweighs the wake-ups (a larger model, AMX, more cores) more threads may win;
+so the server measures rather than assumes.
 """
 import functools
 import os
